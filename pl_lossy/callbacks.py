@@ -1,0 +1,124 @@
+"""Lightning callbacks: per-round network metrics for loggers and the progress bar, and run summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+
+def _lossy_strategy(trainer: "pl.Trainer"):
+    from .strategy import LossyPSStrategy
+
+    return trainer.strategy if isinstance(trainer.strategy, LossyPSStrategy) else None
+
+
+class LossyPSMetrics(Callback):
+    """Logs each round as ``net/*`` step metrics (any Lightning logger) and shows ``net/sim_s`` and
+    ``net/drop`` in the progress bar.
+
+    ``net/delivered_up`` / ``net/delivered_down``: fraction of the round's network packets that arrived
+    per phase (a co-located worker's own block does not cross the network and is not counted);
+    ``net/up_time_s``, ``net/down_time_s``, ``net/comm_time_s``: simulated phase times; ``net/compute_time_s``:
+    the slowest rank's compute time (or the configured one); ``net/sim_time_s``: the simulated clock;
+    ``net/divergence``: RMS distance of the replicas from their mean, relative to the mean's norm
+    (every ``divergence_every`` rounds); ``net/<stat>``: counters the network reports (e.g. drops by cause).
+    """
+
+    def __init__(self) -> None:
+        self._logged_round = -1
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        strategy = _lossy_strategy(trainer)
+        if strategy is None or strategy.last_round is None or strategy.last_round.round == self._logged_round:
+            return  # no round since the last batch (gradient accumulation)
+        rec = strategy.last_round
+        self._logged_round = rec.round
+        log = dict(on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        drop = 1.0 - 0.5 * (rec.delivered_up + rec.delivered_down)
+        pl_module.log("net/sim_s", rec.sim_time_s, prog_bar=True, logger=False, **log)
+        pl_module.log("net/drop", drop, prog_bar=True, logger=False, **log)
+        metrics = {
+            "net/round": float(rec.round),
+            "net/delivered_up": rec.delivered_up,
+            "net/delivered_down": rec.delivered_down,
+            "net/up_time_s": rec.up_time_s,
+            "net/down_time_s": rec.down_time_s,
+            "net/comm_time_s": rec.comm_time_s,
+            "net/compute_time_s": rec.compute_time_s,
+            "net/sim_time_s": rec.sim_time_s,
+        }
+        if strategy.divergence_every and strategy.last_divergence is not None and strategy.round % strategy.divergence_every == 0:
+            metrics["net/divergence"] = strategy.last_divergence
+        if trainer.is_global_zero:
+            metrics.update({f"net/{k}": float(v) for k, v in rec.stats.items()})
+        pl_module.log_dict(metrics, **log)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logged_round": self._logged_round}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._logged_round = state_dict.get("logged_round", -1)
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class RunSummary(Callback):
+    """Writes ``summary.json`` (rank 0, at the end of fit): final validation metrics, steps, the
+    network's delivered fractions and simulated times, wall time, and the config it is given.
+
+    Keys: ``val_acc``, ``val_loss``, ``steps``, ``delivered_up``, ``delivered_down`` (means over rounds),
+    ``sim_time_s``, ``comm_time_s``, ``compute_time_s``, ``wall_time_s`` (from this callback's creation),
+    ``config``.
+    """
+
+    def __init__(self, path: str | Path, config: Optional[dict] = None) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.started = time.time()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.write(trainer)
+
+    def summary(self, trainer: "pl.Trainer") -> dict[str, Any]:
+        metrics = trainer.callback_metrics
+        out: dict[str, Any] = {
+            "val_acc": _number(metrics.get("val_acc")),
+            "val_loss": _number(metrics.get("val_loss")),
+            "steps": int(trainer.global_step),
+            "epochs": int(trainer.current_epoch),
+            "world_size": int(trainer.world_size),
+        }
+        strategy = _lossy_strategy(trainer)
+        if strategy is not None:
+            clock = strategy.clock
+            out.update(
+                rounds=clock.rounds,
+                delivered_up=clock.delivered_up,
+                delivered_down=clock.delivered_down,
+                sim_time_s=clock.sim_time_s,
+                comm_time_s=clock.comm_time_s,
+                compute_time_s=clock.compute_time_s,
+                network=strategy.network.describe(),
+            )
+        out["wall_time_s"] = time.time() - self.started
+        out["config"] = self.config
+        return out
+
+    def write(self, trainer: "pl.Trainer") -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.summary(trainer), indent=2, default=str) + "\n")
+        return self.path

@@ -1,0 +1,192 @@
+"""The round contract: the one interface between training and the network.
+
+A *round* is one synchronization after one local optimizer step. What happens to its packets depends
+only on sizes (:class:`RoundSpec`), never on tensor values, so a round can be simulated ahead, in
+parallel, cached, recorded and replayed. Every model must make ``outcome(spec)`` a pure function of
+(its configuration, its seed, ``spec``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+TRANSPORTS = ("udp", "tcp")
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Sizes of one RPS round.
+
+    ``n_servers`` blocks of ``packets_per_block`` packets each. With ``colocated_servers`` (the paper's
+    setting) server ``j`` runs on worker ``j``, so worker ``j``'s own block ``j`` never crosses the
+    network; otherwise the servers are ``n_servers`` hosts of their own.
+    """
+
+    round: int
+    n_workers: int
+    n_servers: int
+    packets_per_block: int
+    packet_bytes: int = 1400
+    transport: str = "udp"
+    colocated_servers: bool = True
+    last_packet_bytes: int | None = None  # the last packet of a block may be short; None = full
+
+    def __post_init__(self) -> None:
+        if self.round < 0:
+            raise ValueError(f"RoundSpec.round must be >= 0, got {self.round}")
+        for name in ("n_workers", "n_servers", "packets_per_block", "packet_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RoundSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"RoundSpec.transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.colocated_servers and self.n_servers > self.n_workers:
+            raise ValueError(
+                f"{self.n_servers} co-located servers need at least as many workers (got {self.n_workers})"
+            )
+        if self.last_packet_bytes is not None and not 1 <= self.last_packet_bytes <= self.packet_bytes:
+            raise ValueError(f"RoundSpec.last_packet_bytes must be in [1, packet_bytes], got {self.last_packet_bytes}")
+
+    @property
+    def block_bytes(self) -> int:
+        """Payload bytes of one block (what one worker sends one server)."""
+        last = self.packet_bytes if self.last_packet_bytes is None else self.last_packet_bytes
+        return (self.packets_per_block - 1) * self.packet_bytes + last
+
+    @property
+    def up_shape(self) -> tuple[int, int, int]:
+        return (self.n_workers, self.n_servers, self.packets_per_block)
+
+    @property
+    def down_shape(self) -> tuple[int, int, int]:
+        return (self.n_servers, self.n_workers, self.packets_per_block)
+
+    def local_pairs(self) -> np.ndarray:
+        """Boolean ``[n_workers, n_servers]``: True where worker i and server j share a host."""
+        local = np.zeros((self.n_workers, self.n_servers), dtype=bool)
+        if self.colocated_servers:
+            local[np.arange(self.n_servers), np.arange(self.n_servers)] = True
+        return local
+
+
+@dataclass
+class RoundOutcome:
+    """What the network did to one round.
+
+    ``up[i, j, p]``: packet p of block j sent by worker i reached server j.
+    ``down[j, i, p]``: packet p of server j's averaged block reached worker i.
+    ``up_time_s`` / ``down_time_s``: simulated completion time of each phase.
+    ``stats``: per-round counters (e.g. drops by cause); numbers only.
+    """
+
+    up: np.ndarray
+    down: np.ndarray
+    up_time_s: float
+    down_time_s: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def check(self, spec: RoundSpec) -> "RoundOutcome":
+        """Raise ValueError unless the masks have the shapes ``spec`` asks for."""
+        if self.up.shape != spec.up_shape or self.up.dtype != np.bool_:
+            raise ValueError(f"outcome.up must be bool {spec.up_shape}, got {self.up.dtype} {self.up.shape}")
+        if self.down.shape != spec.down_shape or self.down.dtype != np.bool_:
+            raise ValueError(f"outcome.down must be bool {spec.down_shape}, got {self.down.dtype} {self.down.shape}")
+        return self
+
+    @property
+    def comm_time_s(self) -> float:
+        return self.up_time_s + self.down_time_s
+
+    def delivered_fractions(self, spec: RoundSpec) -> tuple[float, float]:
+        """Fraction of packets that crossed the network and arrived, per phase (local pairs excluded)."""
+        remote = ~spec.local_pairs()
+        n_remote = int(remote.sum()) * spec.packets_per_block
+        if n_remote == 0:
+            return 1.0, 1.0
+        up = float(self.up[remote].sum()) / n_remote
+        down = float(self.down.transpose(1, 0, 2)[remote].sum()) / n_remote
+        return up, down
+
+
+class NetworkModel(abc.ABC):
+    """Where a round's outcome comes from.
+
+    Construction must be cheap and free of side effects (it happens in every process of a
+    multi-process launch); acquire resources (a simulator, a bridge) on the first ``outcome``.
+    """
+
+    #: True when every rank can compute the same outcome itself (no broadcast needed).
+    same_on_every_rank: bool = False
+
+    @abc.abstractmethod
+    def outcome(self, spec: RoundSpec) -> RoundOutcome:
+        """The outcome of round ``spec.round``; a pure function of (config, seed, spec)."""
+
+    def prefetch(self, specs: Iterable[RoundSpec]) -> None:
+        """Hint that these rounds will be asked for soon (may be a no-op)."""
+
+    def close(self) -> None:
+        """Release whatever ``outcome`` acquired; safe to call twice."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def __enter__(self) -> "NetworkModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def round_rng(seed: int, round_index: int, stream: int = 0) -> np.random.Generator:
+    """A generator keyed by (seed, round, stream) alone: the same numbers in any process, any order."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, round_index, stream])))
+
+
+def check_probability(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    return value
+
+
+def check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_seed(seed: int) -> int:
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+@dataclass(frozen=True)
+class StarTiming:
+    """Analytic phase times on a star: every host has its own full-duplex link to one switch.
+
+    A phase ends when the busiest host link has carried its bytes: ``max(bytes out, bytes in) / rate
+    + latency`` (store-and-forward of one packet and queueing are folded into ``latency_s``).
+    """
+
+    link_rate_bps: float = 10e9
+    latency_s: float = 50e-6
+
+    def __post_init__(self) -> None:
+        check_positive("link_rate_bps", self.link_rate_bps)
+        if self.latency_s < 0:
+            raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
+
+    def phase_times(self, spec: RoundSpec) -> tuple[float, float]:
+        remote = ~spec.local_pairs()  # [W, S]
+        # Uplink: worker i sends to every remote server; server j receives from every remote worker.
+        blocks_busiest = max(int(remote.sum(axis=1).max()), int(remote.sum(axis=0).max()))
+        if blocks_busiest == 0:
+            return 0.0, 0.0
+        t = blocks_busiest * spec.block_bytes * 8 / self.link_rate_bps + self.latency_s
+        return t, t  # the downlink moves the same blocks the other way
