@@ -146,6 +146,14 @@ class LossyPSStrategy(DDPStrategy):
         self._compute_start: Optional[float] = None
         self._restored: Optional[dict] = None
 
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ValueError if this strategy cannot run on ``world_size`` workers (checked before launch)."""
+        if self.colocated_servers and self.num_servers is not None and self.num_servers > world_size:
+            raise ValueError(
+                f"num_servers={self.num_servers} co-located servers need at least as many workers; "
+                f"there are {world_size} (raise trainer.devices or set colocated_servers=false)"
+            )
+
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: "pl.Trainer") -> None:

@@ -146,22 +146,29 @@ def round_rng(seed: int, round_index: int, stream: int = 0) -> np.random.Generat
     return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, round_index, stream])))
 
 
+def _number(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def check_probability(name: str, value: float) -> float:
-    value = float(value)
+    value = _number(name, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
     return value
 
 
 def check_positive(name: str, value: float) -> float:
-    value = float(value)
+    value = _number(name, value)
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
 
 
 def check_seed(seed: int) -> int:
-    if int(seed) != seed or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
 

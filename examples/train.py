@@ -1,0 +1,19 @@
+"""pl-lossy main job: train data-parallel with RPS over a simulated network.
+
+    python examples/train.py                                   # digits, MLP, 2 workers, 1% drops
+    python examples/train.py network.drop_rate=0.1 trainer.devices=4
+    python examples/train.py -m network.drop_rate=0,0.05,0.1 trainer.devices=2,4
+"""
+
+import hydra
+
+import pl_lossy.app
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg) -> None:
+    pl_lossy.app.main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Small real fits (2-4 gloo processes, fork launcher) shared by the strategy tests."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from pl_lossy import LossyPSStrategy
+from pl_lossy.data import DigitsDataModule
+from pl_lossy.models import MLP, Classifier
+
+
+def digits_model(seed=0, hidden=(64,), lr=0.1, momentum=0.0, dm=None):
+    pl.seed_everything(seed, verbose=False)
+    dm = dm or DigitsDataModule(batch_size=32, seed=seed)
+    model = Classifier(functools.partial(MLP, hidden=hidden), dm.input_shape, dm.num_classes, lr=lr, momentum=momentum)
+    return model, dm
+
+
+def fit(strategy, model, dm, devices=2, max_epochs=1, callbacks=(), ckpt_path=None, **trainer_kw):
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    kw.update(trainer_kw)
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="cpu", devices=devices, max_epochs=max_epochs, callbacks=list(callbacks), **kw
+    )
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def steps_per_epoch(dm, devices=2):
+    """Optimizer steps per epoch of a fit on ``devices`` ranks (DistributedSampler pads, loaders drop the last partial batch)."""
+    dm.setup("fit")
+    return -(-len(dm.train_set) // devices) // dm.batch_size
+
+
+def flat_params(module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+class SaveReplicas(pl.Callback):
+    """Each rank saves its final parameters and buffers to ``dir/rank{r}.pt``."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {"params": flat_params(pl_module).clone(), "buffers": {k: v.clone() for k, v in pl_module.named_buffers()}},
+            self.dir / f"rank{trainer.global_rank}.pt",
+        )
+
+    def load(self, n):
+        return [torch.load(self.dir / f"rank{r}.pt") for r in range(n)]
+
+
+class RecordingLossyPS(LossyPSStrategy):
+    """Saves, per rank, the flat model before and after each round and that round's downlink mask."""
+
+    def __init__(self, record_dir, **kw):
+        super().__init__(start_method="fork", **kw)
+        self.record_dir = Path(record_dir)
+        self.rounds = []
+
+    def exchange_round(self):
+        before = self._exchange.flat.clone()
+        record = super().exchange_round()
+        spec = self.round_spec(record.round)
+        down = self.network.outcome(spec).down
+        self.rounds.append((before, self._exchange.flat.clone(), down))
+        return record
+
+    def teardown(self):
+        if self.rounds:
+            torch.save(
+                {"rounds": self.rounds, "numel": self._exchange.layout.numel if self._exchange else None,
+                 "shape": self._exchange.layout.shape if self._exchange else None},
+                self.record_dir / f"rounds{self.global_rank}.pt",
+            )
+        super().teardown()
+
+
+def load_rounds(directory, n):
+    return [torch.load(Path(directory) / f"rounds{r}.pt", weights_only=False) for r in range(n)]
+
+
+def trace_masks(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}

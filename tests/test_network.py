@@ -1,0 +1,134 @@
+"""Analytic network models: rates, determinism, timing, trace record/replay."""
+
+import numpy as np
+import pytest
+
+from pl_lossy.network import (
+    BernoulliNetwork,
+    GilbertElliottNetwork,
+    ReliableNetwork,
+    RoundSpec,
+    TraceNetwork,
+    TraceRecorder,
+)
+
+
+def spec(r=0, W=4, S=4, P=5000, **kw):
+    return RoundSpec(round=r, n_workers=W, n_servers=S, packets_per_block=P, **kw)
+
+
+def remote_up(out, s):
+    return out.up[~s.local_pairs()]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.1, 0.5])
+def test_bernoulli_delivers_the_configured_fraction(rate):
+    s = spec()
+    out = BernoulliNetwork(drop_rate=rate, seed=3).outcome(s)
+    n = remote_up(out, s).size
+    lost = n - remote_up(out, s).sum()
+    # binomial: within 5 standard deviations
+    assert abs(lost - n * rate) <= 5 * np.sqrt(n * rate * (1 - rate)) + 1e-9
+    up, down = out.delivered_fractions(s)
+    assert abs(up - (1 - rate)) < 0.01 and abs(down - (1 - rate)) < 0.01
+    local = s.local_pairs()
+    assert out.up[local].all() and out.down.transpose(1, 0, 2)[local].all()
+
+
+def test_bernoulli_phase_rates_are_separate():
+    s = spec()
+    out = BernoulliNetwork(drop_rate=0.5, uplink_drop_rate=0.0, downlink_drop_rate=1.0).outcome(s)
+    assert out.delivered_fractions(s) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("net", [BernoulliNetwork(0.2, seed=7), GilbertElliottNetwork(0.01, 0.2, seed=7)])
+def test_outcome_is_a_function_of_seed_and_round(net):
+    first = [net.outcome(spec(r, P=300)) for r in range(5)]
+    again = [net.outcome(spec(r, P=300)) for r in reversed(range(5))][::-1]
+    for a, b in zip(first, again):
+        assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down)
+    assert not np.array_equal(first[0].up, first[1].up)
+    other = type(net)(**{**vars_of(net), "seed": 8}).outcome(spec(0, P=300))
+    assert not np.array_equal(other.up, first[0].up)
+
+
+def vars_of(net):
+    if isinstance(net, BernoulliNetwork):
+        return dict(drop_rate=net.drop_rate)
+    return dict(p_good_to_bad=net.p_good_to_bad, p_bad_to_good=net.p_bad_to_good)
+
+
+def _loss_runs(mask_rows):
+    runs = []
+    for row in mask_rows:
+        lost = ~row
+        edges = np.diff(np.concatenate([[0], lost.astype(int), [0]]))
+        starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+        runs.extend(ends - starts)
+    return np.asarray(runs)
+
+
+def test_gilbert_elliott_mean_loss_and_bursts():
+    net = GilbertElliottNetwork(p_good_to_bad=0.002, p_bad_to_good=0.1, seed=1)
+    assert net.mean_loss_rate == pytest.approx(0.002 / 0.102)
+    s = spec(W=6, S=6, P=20000)
+    lost, total, runs = 0, 0, []
+    for r in range(4):
+        out = net.outcome(s.__class__(**{**s.__dict__, "round": r}))
+        rows = remote_up(out, s)
+        lost += (~rows).sum()
+        total += rows.size
+        runs.append(_loss_runs(rows))
+    runs = np.concatenate(runs)
+    assert lost / total == pytest.approx(net.mean_loss_rate, rel=0.15)
+    assert runs.mean() == pytest.approx(10.0, rel=0.15)  # mean burst 1 / p_bad_to_good
+    iid = BernoulliNetwork(drop_rate=net.mean_loss_rate, seed=1).outcome(s)
+    assert _loss_runs(remote_up(iid, s)).mean() < 1.1
+
+
+def test_reliable_delivers_everything_and_times_are_bytes_over_rate():
+    s = spec(W=4, S=4, P=10, packet_bytes=1000)
+    out = ReliableNetwork(link_rate_bps=1e9, latency_s=1e-3).outcome(s)
+    assert out.up.all() and out.down.all()
+    # co-located: each host sends 3 remote blocks of 10 kB and its server receives 3
+    expected = 3 * 10 * 1000 * 8 / 1e9 + 1e-3
+    assert out.up_time_s == pytest.approx(expected) and out.down_time_s == pytest.approx(expected)
+    dedicated = spec(W=4, S=2, P=10, packet_bytes=1000, colocated_servers=False)
+    out = ReliableNetwork(link_rate_bps=1e9, latency_s=0).outcome(dedicated)
+    assert out.up_time_s == pytest.approx(4 * 10 * 1000 * 8 / 1e9)  # a server receives 4 blocks
+
+
+def test_trace_records_and_replays_exactly(tmp_path):
+    path = tmp_path / "t.npz"
+    rec = TraceRecorder(BernoulliNetwork(0.3, seed=2), path)
+    specs = [spec(r, P=77) for r in range(6)]
+    originals = [rec.outcome(s) for s in specs]
+    rec.close()
+    replay = TraceNetwork(path)
+    for s, o in zip(reversed(specs), reversed(originals)):
+        got = replay.outcome(s)
+        assert np.array_equal(got.up, o.up) and np.array_equal(got.down, o.down)
+        assert got.up_time_s == o.up_time_s
+    with pytest.raises(ValueError, match="has no round 6"):
+        replay.outcome(spec(6, P=77))
+    with pytest.raises(ValueError, match="recorded for rounds of"):
+        replay.outcome(spec(0, P=78))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TraceNetwork(tmp_path / "missing.npz").outcome(specs[0])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: BernoulliNetwork(drop_rate=1.5), "drop_rate must be a probability"),
+        (lambda: BernoulliNetwork(drop_rate="x"), "must be a number"),
+        (lambda: BernoulliNetwork(link_rate_bps=0), "link_rate_bps must be > 0"),
+        (lambda: BernoulliNetwork(seed=-1), "seed must be"),
+        (lambda: GilbertElliottNetwork(0, 0), "cannot both be 0"),
+        (lambda: RoundSpec(0, 2, 3, 1), "co-located servers need"),
+        (lambda: RoundSpec(0, 2, 2, 1, transport="quic"), "transport must be one of"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -1,0 +1,201 @@
+"""LossyPSStrategy in real multi-process Lightning fits (gloo, fork launcher)."""
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from pl_lossy import BernoulliNetwork, LossyPSStrategy, ReliableNetwork, TraceNetwork
+
+from fits import RecordingLossyPS, SaveReplicas, digits_model, fit, flat_params, load_rounds, steps_per_epoch, trace_masks
+
+
+def lossy(network, **kw):
+    return LossyPSStrategy(network=network, start_method="fork", **kw)
+
+
+def test_no_drops_with_sgd_ends_where_ddp_ends():
+    model, dm = digits_model()
+    fit(lossy(BernoulliNetwork(drop_rate=0.0)), model, dm, max_epochs=2)
+    ddp_model, dm = digits_model()
+    fit(DDPStrategy(start_method="fork"), ddp_model, dm, max_epochs=2)
+    a, b = flat_params(model), flat_params(ddp_model)
+    assert not torch.equal(a, flat_params(digits_model()[0]))  # it trained
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_full_drops_leave_every_replica_alone(tmp_path):
+    """At drop rate 1.0 a round changes no parameter bit on any rank: replicas train independently."""
+    model, dm = digits_model()
+    fit(RecordingLossyPS(tmp_path, network=BernoulliNetwork(drop_rate=1.0)), model, dm, limit_train_batches=5)
+    per_rank = load_rounds(tmp_path, 2)
+    for rank in per_rank:
+        assert len(rank["rounds"]) == 5
+        n = rank["numel"]
+        for before, after, _ in rank["rounds"]:
+            assert torch.equal(before[:n], after[:n])
+    assert not torch.equal(per_rank[0]["rounds"][-1][1], per_rank[1]["rounds"][-1][1])
+
+
+def test_replicas_that_received_the_same_packets_are_bit_identical(tmp_path):
+    model, dm = digits_model()
+    fit(RecordingLossyPS(tmp_path, network=BernoulliNetwork(drop_rate=0.3, seed=5)), model, dm, limit_train_batches=8)
+    r0, r1 = load_rounds(tmp_path, 2)
+    S, P, E = r0["shape"]
+    n_shared = n_differ = 0
+    for (_, after0, down), (_, after1, _) in zip(r0["rounds"], r1["rounds"]):
+        a0 = after0[: S * P * E].view(S * P, E)
+        a1 = after1[: S * P * E].view(S * P, E)
+        both = (down[:, 0, :] & down[:, 1, :]).reshape(-1)
+        assert torch.equal(a0[both], a1[both])
+        n_shared += int(both.sum())
+        n_differ += int((a0[~both] != a1[~both]).any(dim=1).sum())
+    assert n_shared > 0 and n_differ > 0  # both cases occurred
+
+
+def test_no_drops_keep_replicas_bit_identical(tmp_path):
+    model, dm = digits_model()
+    saver = SaveReplicas(tmp_path)
+    fit(lossy(ReliableNetwork()), model, dm, callbacks=[saver])
+    r0, r1 = saver.load(2)
+    assert torch.equal(r0["params"], r1["params"])
+
+
+def test_same_seed_same_drops_and_replay_reproduces_training(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        model, dm = digits_model()
+        trainer = fit(lossy(BernoulliNetwork(0.2, seed=11), record_trace=str(tmp_path / f"{name}.npz")), model, dm)
+        runs.append((model, trace_masks(tmp_path / f"{name}.npz")))
+    (model_a, ta), (model_b, tb) = runs
+    assert len(ta["rounds"]) == steps_per_epoch(dm)
+    for key in ("rounds", "up", "down"):
+        assert np.array_equal(ta[key], tb[key])
+    assert torch.equal(flat_params(model_a), flat_params(model_b))
+    replayed, dm = digits_model()
+    fit(lossy(TraceNetwork(tmp_path / "a.npz")), replayed, dm)
+    assert torch.equal(flat_params(replayed), flat_params(model_a))
+    other, dm = digits_model()
+    fit(lossy(BernoulliNetwork(0.2, seed=12), record_trace=str(tmp_path / "c.npz")), other, dm)
+    assert not np.array_equal(trace_masks(tmp_path / "c.npz")["up"], ta["up"])
+
+
+def test_delivered_fractions_match_the_configured_rates(tmp_path):
+    model, dm = digits_model(hidden=(256,))
+    logger = CSVLogger(tmp_path, name="m")
+    strategy = lossy(BernoulliNetwork(uplink_drop_rate=0.1, downlink_drop_rate=0.3, seed=1), divergence_every=10)
+    fit(strategy, model, dm, max_epochs=2, logger=logger, log_every_n_steps=1)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")))
+    up = [float(r["net/delivered_up"]) for r in rows if r.get("net/delivered_up")]
+    down = [float(r["net/delivered_down"]) for r in rows if r.get("net/delivered_down")]
+    sim = [float(r["net/sim_time_s"]) for r in rows if r.get("net/sim_time_s")]
+    assert len(up) == 2 * steps_per_epoch(dm)
+    assert np.mean(up) == pytest.approx(0.9, abs=0.02)
+    assert np.mean(down) == pytest.approx(0.7, abs=0.02)
+    assert all(b > a for a, b in zip(sim, sim[1:]))  # the simulated clock only moves forward
+    divergence = [float(r["net/divergence"]) for r in rows if r.get("net/divergence")]
+    assert len(divergence) == 4 and all(0 < d < 1 for d in divergence)
+
+
+def test_resume_continues_the_same_drop_sequence(tmp_path):
+    net = lambda: BernoulliNetwork(0.25, seed=4)  # noqa: E731
+    model, dm = digits_model()
+    fit(lossy(net(), record_trace=str(tmp_path / "full.npz")), model, dm, max_epochs=2)
+    full = trace_masks(tmp_path / "full.npz")
+
+    model, dm = digits_model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(lossy(net()), model, dm, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    per_epoch = len(full["rounds"]) // 2
+    assert saved["lossy_ps"]["clock"]["rounds"] == per_epoch
+
+    model, dm = digits_model()
+    fit(lossy(net(), record_trace=str(tmp_path / "resumed.npz")), model, dm, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    resumed = trace_masks(tmp_path / "resumed.npz")
+    assert resumed["rounds"].tolist() == full["rounds"][per_epoch:].tolist()
+    assert np.array_equal(resumed["up"], full["up"][per_epoch:])
+    assert np.array_equal(resumed["down"], full["down"][per_epoch:])
+
+
+class _RankZeroOnly(BernoulliNetwork):
+    """A network only rank 0 may ask (like the ns-3 bridge): masks reach the others by broadcast."""
+
+    same_on_every_rank = False
+
+    def __init__(self, *a, fail_at=None, **kw):
+        super().__init__(*a, **kw)
+        self.fail_at = fail_at
+
+    def outcome(self, spec):
+        import torch.distributed as dist
+
+        assert dist.get_rank() == 0, "only rank 0 talks to the network"
+        if spec.round == self.fail_at:
+            raise ConnectionError("simulated bridge failure")
+        return super().outcome(spec)
+
+
+def test_broadcast_masks_train_exactly_like_local_draws():
+    local, dm = digits_model()
+    fit(lossy(BernoulliNetwork(0.2, seed=3)), local, dm)
+    broadcast, dm = digits_model()
+    fit(lossy(_RankZeroOnly(0.2, seed=3)), broadcast, dm)
+    assert torch.equal(flat_params(local), flat_params(broadcast))
+
+
+def test_a_network_failure_on_rank_zero_fails_the_fit_on_every_rank():
+    model, dm = digits_model()
+    with pytest.raises(Exception, match="simulated bridge failure"):
+        fit(lossy(_RankZeroOnly(0.2, fail_at=3), timeout=__import__("datetime").timedelta(seconds=60)), model, dm)
+
+
+@pytest.mark.parametrize("mode, equal", [("broadcast", True), ("average", True), ("none", False)])
+def test_batchnorm_buffers(tmp_path, mode, equal):
+    import functools
+
+    from pl_lossy.data import SyntheticDataModule
+    from pl_lossy.models import Classifier, ResNet20
+
+    pl.seed_everything(0, verbose=False)
+    dm = SyntheticDataModule(n_samples=256, input_shape=(3, 8, 8), batch_size=16)
+    model = Classifier(functools.partial(ResNet20, width=4), dm.input_shape, dm.num_classes)
+    saver = SaveReplicas(tmp_path)
+    fit(lossy(BernoulliNetwork(0.1), sync_buffers=mode), model, dm, limit_train_batches=3, callbacks=[saver])
+    r0, r1 = saver.load(2)
+    same = all(torch.equal(r0["buffers"][k], r1["buffers"][k]) for k in r0["buffers"])
+    assert same == equal
+
+
+def test_dedicated_servers_train():
+    model, dm = digits_model()
+    before = flat_params(model).clone()
+    trainer = fit(lossy(BernoulliNetwork(0.5, seed=2), num_servers=3, colocated_servers=False), model, dm)
+    assert not torch.equal(before, flat_params(model))
+    assert trainer.callback_metrics["val_acc"] > 0.5
+
+
+def test_registered_names_build_the_strategy():
+    import pl_lossy  # noqa: F401  (registers the names)
+
+    for name, method in (("lossy_ps", "popen"), ("lossy_ps_fork", "fork"), ("lossy_ps_spawn", "spawn")):
+        trainer = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
+        assert isinstance(trainer.strategy, LossyPSStrategy)
+        assert trainer.strategy._start_method == method
+        assert isinstance(trainer.strategy.network, BernoulliNetwork)
+
+
+@pytest.mark.slow
+def test_four_workers_accuracy_at_ten_percent_drops_is_close_to_no_drops():
+    acc = {}
+    for rate in (0.0, 0.1):
+        model, dm = digits_model(hidden=(128,), lr=0.1)
+        trainer = fit(lossy(BernoulliNetwork(rate, seed=0)), model, dm, devices=4, max_epochs=15)
+        acc[rate] = float(trainer.callback_metrics["val_acc"])
+    assert acc[0.0] > 0.9
+    assert abs(acc[0.1] - acc[0.0]) < 0.04, acc
