@@ -37,7 +37,7 @@ def _instantiate(node: DictConfig, where: str, **kwargs: Any) -> Any:
         cause = _root_cause(exc)
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         key = re.search(r"full_key: (\S+)", str(exc))
-        if key:  # the innermost node that failed; `strategy.network` is set by the user as `network`
+        if key and not isinstance(cause, OmegaConfBaseException):  # the innermost node that failed; `strategy.network` is set by the user as `network`
             where = key.group(1).removeprefix("strategy.")
         raise ConfigError(f"invalid `{where}` config: {message}") from exc
 

@@ -54,11 +54,13 @@ class LossyPSMetrics(Callback):
             "net/compute_time_s": rec.compute_time_s,
             "net/sim_time_s": rec.sim_time_s,
         }
-        if strategy.divergence_every and strategy.last_divergence is not None and strategy.round % strategy.divergence_every == 0:
-            metrics["net/divergence"] = strategy.last_divergence
         if trainer.is_global_zero:
             metrics.update({f"net/{k}": float(v) for k, v in rec.stats.items()})
         pl_module.log_dict(metrics, **log)
+        if strategy.divergence_every and strategy.last_divergence is not None and strategy.round % strategy.divergence_every == 0:
+            # straight to the loggers: a value logged through pl_module.log would repeat on every later step of the epoch
+            for logger in trainer.loggers if trainer.is_global_zero else ():
+                logger.log_metrics({"net/divergence": strategy.last_divergence}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"logged_round": self._logged_round}

@@ -269,11 +269,14 @@ class LossyPSStrategy(DDPStrategy):
                 error = exc
         buf = torch.from_numpy(payload).to(self.root_device)
         dist.broadcast(buf, src=0)
-        if error is not None:
-            raise error
         payload = buf.cpu().numpy()
         if payload[0] != 1:
-            raise RuntimeError(f"rank 0 could not obtain round {spec.round} from the network ({self.network.describe()})")
+            reason = [f"{type(error).__name__}: {error}" if error is not None else None]
+            dist.broadcast_object_list(reason, src=0)  # so every rank fails with rank 0's reason
+            if error is not None and not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt and friends stay what they are
+            message = f"rank 0 could not obtain round {spec.round} from the network {self.network.describe()}: {reason[0]}"
+            raise RuntimeError(message) from error
         if self.is_global_zero:
             return outcome
         times = np.frombuffer(payload[1:17].tobytes(), dtype=np.float64)

@@ -1,0 +1,90 @@
+"""The Hydra app as a user runs it: examples/train.py in a subprocess."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_app(tmp_path, *overrides, multirun=False, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), *(["-m"] if multirun else []), f"hydra.run.dir={tmp_path / 'run'}",
+           f"hydra.sweep.dir={tmp_path / 'multi'}", "trainer.enable_progress_bar=false", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_main_job_writes_summary(tmp_path):
+    proc = run_app(tmp_path, "trainer.max_epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("val_acc", "val_loss", "steps", "delivered_up", "delivered_down", "sim_time_s", "comm_time_s", "wall_time_s", "config"):
+        assert summary[key] is not None, key
+    assert summary["steps"] > 0 and 0.9 < summary["delivered_up"] <= 1.0
+    assert summary["sim_time_s"] > summary["comm_time_s"] > 0
+    assert summary["config"]["network"]["drop_rate"] == 0.01
+    assert summary["val_acc"] > 0.6
+    assert "summary: val_acc=" in proc.stdout
+    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "net/sim_time_s" in metrics and "net/delivered_up" in metrics
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("network.drop_rate=1.5", "invalid `network` config: drop_rate must be a probability in [0, 1], got 1.5"),
+        ("data=cifar10", "invalid `data` config: Missing mandatory value: data.data_dir"),
+        ("strategy.num_servers=3", "num_servers=3 co-located servers need at least as many workers; there are 2"),
+        ("trainer.devices=0", "invalid `trainer` config"),
+    ],
+)
+def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, override, message):
+    proc = run_app(tmp_path, override)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert "Initializing distributed" not in proc.stdout + proc.stderr  # nothing was launched
+
+
+def test_multirun_sweep_writes_one_summary_per_run(tmp_path):
+    proc = run_app(tmp_path, "network.drop_rate=0,0.2", "trainer.max_epochs=1", multirun=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
+    assert len(summaries) == 2
+    rates = sorted(json.loads(p.read_text())["config"]["network"]["drop_rate"] for p in summaries)
+    delivered = {json.loads(p.read_text())["config"]["network"]["drop_rate"]: json.loads(p.read_text())["delivered_up"] for p in summaries}
+    assert rates == [0.0, 0.2]
+    assert delivered[0.0] == 1.0 and delivered[0.2] < 0.95
+
+
+def write_tiny_cifar(root: Path, n_per_batch=8):
+    """Six batches in the CIFAR-10 python format (pickled dicts of uint8 rows and labels)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, size=n_per_batch).tolist(), b"batch_label": name.encode()}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_from_a_user_folder(tmp_path):
+    from pl_lossy.data import Cifar10DataModule
+
+    write_tiny_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
+    dm = Cifar10DataModule(data_dir=str(tmp_path / "cifar"), batch_size=4)
+    dm.setup("fit")
+    x, y = dm.train_set[0]
+    assert tuple(x.shape) == (3, 32, 32) and len(dm.train_set) == 40 and len(dm.val_set) == 8
+    proc = run_app(tmp_path, "data=cifar10", f"data.data_dir={tmp_path / 'cifar'}", "data.batch_size=4",
+                   "model=resnet20", "model.net.width=4", "trainer.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 5  # 40 images / 2 workers / batch 4
