@@ -1,14 +1,19 @@
-"""One rank's side of the RPS exchange: the model in two flat buffers, one all_reduce per round.
+"""One rank's side of the RPS exchange: the model in one flat buffer, one all_reduce per round.
 
-The parameters live as views of a flat buffer padded to ``[S, P, E]`` (see :class:`~pl_lossy.rps.PacketLayout`).
-A round writes ``own * w`` straight into the *other* buffer (the only dense pass besides the
-all_reduce), sums it over ranks in place, patches the few packets this worker did not receive back
-from its own buffer, and then makes the other buffer the parameters' storage. Two flat copies of the
-model per rank, three with dedicated servers (their previous blocks); nothing else is allocated per
-round but index tensors as long as the number of lost packets.
+The parameters live as views of a flat buffer padded to ``[S, P, E]`` (see :class:`~pl_lossy.rps.PacketLayout`),
+so a round works on the model in place:
 
-Each buffer ends in one slot per rank (``side``): a rank writes a scalar (its compute time) into its
-own slot and the same all_reduce hands every rank everyone's value, so no extra collective is needed.
+1. copy aside the few packets whose averaged value will not reach this worker (sparse);
+2. scale every packet by its uplink weight ``w = up[i] / c`` (the only dense pass besides the
+   all_reduce; in place, which costs about half an out-of-place copy);
+3. all_reduce (sum): every packet now holds its server's average;
+4. put the packets copied aside back (keep-own, sparse).
+
+Nothing the size of the model is allocated per round: the extra memory is a scratch that grows to
+the largest number of lost packets seen, plus, with dedicated servers, their previous blocks (one
+model copy). Each buffer ends in one slot per rank (``side``): a rank writes a scalar (its compute
+time) into its own slot and the same all_reduce hands every rank everyone's value, so no extra
+collective is needed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from torch import Tensor
 from . import rps
 
 AllReduce = Callable[[Tensor], None]
+
+#: Elements per all_reduce when measuring divergence (bounds its scratch memory).
+DIVERGENCE_CHUNK = 1 << 20
 
 
 class RPSExchange:
@@ -50,42 +58,44 @@ class RPSExchange:
         self.layout = rps.PacketLayout.for_model(numel, n_servers, packet_bytes)
         dtype, device = params[0].dtype, params[0].device
         n = self.layout.padded_numel
-        self._flat = [torch.zeros(n + n_workers, dtype=dtype, device=device) for _ in range(2)]
-        self._views: list[list[Tensor]] = [[], []]
+        self._flat = torch.zeros(n + n_workers, dtype=dtype, device=device)
         offset = 0
-        for p in params:
-            for k in range(2):
-                self._views[k].append(self._flat[k][offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
         with torch.no_grad():
-            for p, v in zip(params, self._views[0]):
-                v.copy_(p)
-        self._current = 0
-        self._repoint()
-        self.server_blocks = None if colocated_servers else self.blocks(0).clone()
+            for p in params:
+                view = self._flat[offset : offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+        self.server_blocks = None if colocated_servers else self.blocks().clone()
         self._weights = torch.empty(self.layout.shape[:2], dtype=dtype)  # CPU: computed from CPU masks
+        self._kept = torch.empty(0, self.layout.elems_per_packet, dtype=dtype, device=device)
+        self._spare: Tensor | None = None
 
-    def blocks(self, k: int | None = None) -> Tensor:
-        """Buffer ``k`` (default: the parameters' current storage) as ``[S, P, E]``."""
-        k = self._current if k is None else k
-        return self._flat[k][: self.layout.padded_numel].view(self.layout.shape)
+    def blocks(self) -> Tensor:
+        """The parameters' storage as ``[S, P, E]``."""
+        return self._flat[: self.layout.padded_numel].view(self.layout.shape)
 
     @property
     def flat(self) -> Tensor:
-        """The parameters' current flat storage (padding and side slots included)."""
-        return self._flat[self._current]
+        """The parameters' flat storage (padding and side slots included)."""
+        return self._flat
 
-    def _repoint(self) -> None:
-        for p, v in zip(self.params, self._views[self._current]):
-            p.data = v
+    def extra_bytes(self) -> int:
+        """Memory the exchange holds beyond the parameters themselves."""
+        extra = (self._flat.numel() - self.layout.numel) * self._flat.element_size()
+        for t in (self.server_blocks, self._kept, self._spare):
+            if t is not None:
+                extra += t.numel() * t.element_size()
+        return extra
 
-    def sync_from_params(self) -> None:
-        """Re-adopt the parameters if something replaced their storage (e.g. ``load_state_dict(assign=True)``)."""
-        for p, v in zip(self.params, self._views[self._current]):
-            if p.data.data_ptr() != v.data_ptr():
-                with torch.no_grad():
-                    v.copy_(p.data)
-                p.data = v
+    def _keep_aside(self, packets: Tensor) -> Tensor:
+        k = packets.numel()
+        if k > self._kept.shape[0]:  # grows to the most packets ever lost in one round, then stays
+            self._kept = torch.empty(max(k, 2 * self._kept.shape[0]), self.layout.elems_per_packet,
+                                     dtype=self._flat.dtype, device=self._flat.device)
+        kept = self._kept[:k]
+        torch.index_select(self.blocks().view(-1, self.layout.elems_per_packet), 0, packets, out=kept)
+        return kept
 
     @torch.no_grad()
     def step(self, up: Tensor, down: Tensor, all_reduce: AllReduce, side_value: float = 0.0) -> Tensor:
@@ -94,38 +104,43 @@ class RPSExchange:
         ``all_reduce`` must sum a tensor in place over all ranks. Returns the ``[W]`` side values
         (``side_value`` of every rank).
         """
-        own, nxt = self.blocks(self._current), self.blocks(1 - self._current)
-        send = self._flat[1 - self._current]
-        device = own.device
+        blocks = self.blocks()
+        device = blocks.device
+        lost = rps.lost_packets(down[:, self.rank]).to(device)
+        kept = self._keep_aside(lost)
         counts = rps.server_counts(up)
         weights = rps.uplink_weights(up[self.rank], counts, self._weights)
-        rps.scale_blocks(own, weights.to(device, non_blocking=True), out=nxt)
-        side = send[self.layout.padded_numel :]
+        blocks.mul_(weights.to(device, non_blocking=True).unsqueeze(-1))
+        side = self._flat[self.layout.padded_numel :]
         side.zero_()
         side[self.rank] = side_value
-        all_reduce(send)
+        all_reduce(self._flat)
         if self.server_blocks is not None:
-            rps.copy_packets(nxt, self.server_blocks, rps.silent_packets(counts).to(device))
-            self.server_blocks.copy_(nxt)
-        rps.copy_packets(nxt, own, rps.lost_packets(down[:, self.rank]).to(device))
-        self._current = 1 - self._current
-        self._repoint()
+            rps.copy_packets(blocks, self.server_blocks, rps.silent_packets(counts).to(device))
+            self.server_blocks.copy_(blocks)
+        if lost.numel():
+            blocks.view(-1, self.layout.elems_per_packet).index_copy_(0, lost, kept)
         return side
 
     @torch.no_grad()
     def divergence(self, all_reduce: AllReduce) -> tuple[float, float]:
-        """Replicas' spread: ``(rms_i ||v_i - mean||, ||mean||)``. Two all_reduces; uses the spare buffer."""
-        own = self._flat[self._current][: self.layout.padded_numel]
-        spare = self._flat[1 - self._current][: self.layout.padded_numel]
-        spare.copy_(own)
-        all_reduce(spare)
-        spare.div_(self.n_workers)
-        mean_norm = float(spare.norm())
-        spare.sub_(own)
-        sq = spare.norm().square().reshape(1).to(torch.float64)
-        all_reduce(sq)
-        return float(sq.div_(self.n_workers).sqrt_()), mean_norm
-
+        """Replicas' spread: ``(rms_i ||v_i - mean||, ||mean||)``, in chunks through a small scratch."""
+        own = self._flat[: self.layout.numel]
+        if self._spare is None:
+            self._spare = torch.empty(min(DIVERGENCE_CHUNK, own.numel()), dtype=own.dtype, device=own.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=own.device)  # ||mean||^2, ||v_i - mean||^2
+        for start in range(0, own.numel(), self._spare.numel()):
+            chunk = own[start : start + self._spare.numel()]
+            spare = self._spare[: chunk.numel()]
+            spare.copy_(chunk)
+            all_reduce(spare)
+            spare.div_(self.n_workers)
+            sums[0] += spare.double().square().sum()
+            spare.sub_(chunk)
+            sums[1] += spare.double().square().sum()
+        spread = sums[1:].clone()
+        all_reduce(spread)
+        return float(spread.div_(self.n_workers).sqrt_()), float(sums[0].sqrt())
     def state_dict(self) -> dict:
         return {"server_blocks": None if self.server_blocks is None else self.server_blocks.cpu().clone()}
 
