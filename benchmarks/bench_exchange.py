@@ -18,7 +18,6 @@ import resource
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

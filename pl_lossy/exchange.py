@@ -110,7 +110,7 @@ class RPSExchange:
         kept = self._keep_aside(lost)
         counts = rps.server_counts(up)
         weights = rps.uplink_weights(up[self.rank], counts, self._weights)
-        blocks.mul_(weights.to(device, non_blocking=True).unsqueeze(-1))
+        rps.scale_blocks_(blocks, weights.to(device, non_blocking=True))
         side = self._flat[self.layout.padded_numel :]
         side.zero_()
         side[self.rank] = side_value

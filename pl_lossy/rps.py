@@ -16,7 +16,7 @@ One round, for every block j and packet p:
     blocks_i[j,p] <- avg[j,p] if down[j,i,p] else blocks_i[j,p]   (a worker that misses keeps its own)
 
 In a distributed run each rank computes its own term ``blocks_i * (up[i] / c)`` and one all_reduce
-sums them: that is :func:`uplink_weights` + :func:`scale_blocks`, then the sum, then
+sums them: that is :func:`uplink_weights` + :func:`scale_blocks_`, then the sum, then
 :func:`copy_packets` for silent servers and lost downlinks. :func:`rps_round` runs the same steps for all
 workers in one process.
 """
@@ -89,9 +89,9 @@ def uplink_weights(up_row: Tensor, counts: Tensor, out: Tensor) -> Tensor:
     return out.masked_fill_(~up_row, 0.0)
 
 
-def scale_blocks(blocks: Tensor, weights: Tensor, out: Tensor) -> Tensor:
-    """``out[j, p, :] = blocks[j, p, :] * w[j, p]``: one dense pass, written straight into the send buffer."""
-    return torch.mul(blocks, weights.unsqueeze(-1), out=out)
+def scale_blocks_(blocks: Tensor, weights: Tensor) -> Tensor:
+    """``blocks[j, p, :] *= w[j, p]``: the round's one dense pass, in place (about half the cost of a copy)."""
+    return blocks.mul_(weights.unsqueeze(-1))
 
 
 def copy_packets(dst: Tensor, src: Tensor, packets: Tensor) -> Tensor:
@@ -131,7 +131,7 @@ def rps_round(blocks: Tensor, up: Tensor, down: Tensor, server_blocks: Tensor | 
     weights = torch.empty(counts.shape, dtype=blocks.dtype)
     sent = torch.zeros_like(blocks[0])
     for i in range(blocks.shape[0]):
-        sent += scale_blocks(blocks[i], uplink_weights(up[i], counts, weights), torch.empty_like(sent))
+        sent += scale_blocks_(blocks[i].clone(), uplink_weights(up[i], counts, weights))
     if server_blocks is not None:
         copy_packets(sent, server_blocks, silent_packets(counts))
     new = sent.expand_as(blocks).clone()

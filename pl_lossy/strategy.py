@@ -228,8 +228,7 @@ class LossyPSStrategy(DDPStrategy):
 
     def exchange_round(self) -> RoundRecord:
         assert self._exchange is not None, "the strategy is not set up"
-        measured = self._compute_start is not None
-        compute = time.perf_counter() - self._compute_start if measured else 0.0
+        compute = time.perf_counter() - self._compute_start if self._compute_start is not None else 0.0
         spec = self.round_spec(self.clock.rounds)
         outcome = self._obtain_outcome(spec)
         up = torch.from_numpy(outcome.up)
@@ -290,25 +289,21 @@ class LossyPSStrategy(DDPStrategy):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def _sync_buffers(self) -> None:
+        """Make module buffers equal on every rank, reliably (one collective per buffer dtype)."""
         if self.sync_buffers == "none" or self.world_size == 1:
             return
         assert self.lightning_module is not None
         buffers = [b for b in self.lightning_module.buffers() if b.numel()]
-        averaged = [b for b in buffers if b.is_floating_point()] if self.sync_buffers == "average" else []
-        broadcast = [b for b in buffers if not any(b is a for a in averaged)]
-        for group, op in ((averaged, "avg"), (broadcast, "bcast")):
-            for dtype in {b.dtype for b in group}:
-                same = [b for b in group if b.dtype == dtype]
-                flat = torch.cat([b.reshape(-1) for b in same])
-                if op == "avg":
-                    dist.all_reduce(flat)
-                    flat.div_(self.world_size)
-                else:
-                    dist.broadcast(flat, src=0)
-                offset = 0
-                for b in same:
-                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                    offset += b.numel()
+        for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
+            group = [b for b in buffers if b.dtype == dtype]
+            flat = torch.cat([b.reshape(-1) for b in group])
+            if self.sync_buffers == "average" and dtype.is_floating_point:
+                dist.all_reduce(flat)
+                flat.div_(self.world_size)
+            else:
+                dist.broadcast(flat, src=0)
+            for b, synced in zip(group, flat.split([b.numel() for b in group])):
+                b.copy_(synced.view_as(b))
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -68,7 +68,7 @@ def test_same_seed_same_drops_and_replay_reproduces_training(tmp_path):
     runs = []
     for name in ("a", "b"):
         model, dm = digits_model()
-        trainer = fit(lossy(BernoulliNetwork(0.2, seed=11), record_trace=str(tmp_path / f"{name}.npz")), model, dm)
+        fit(lossy(BernoulliNetwork(0.2, seed=11), record_trace=str(tmp_path / f"{name}.npz")), model, dm)
         runs.append((model, trace_masks(tmp_path / f"{name}.npz")))
     (model_a, ta), (model_b, tb) = runs
     assert len(ta["rounds"]) == steps_per_epoch(dm)
@@ -181,8 +181,6 @@ def test_dedicated_servers_train():
 
 
 def test_registered_names_build_the_strategy():
-    import pl_lossy  # noqa: F401  (registers the names)
-
     for name, method in (("lossy_ps", "popen"), ("lossy_ps_fork", "fork"), ("lossy_ps_spawn", "spawn")):
         trainer = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
         assert isinstance(trainer.strategy, LossyPSStrategy)

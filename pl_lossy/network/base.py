@@ -197,3 +197,12 @@ class StarTiming:
             return 0.0, 0.0
         t = blocks_busiest * spec.block_bytes * 8 / self.link_rate_bps + self.latency_s
         return t, t  # the downlink moves the same blocks the other way
+
+
+def star_outcome(spec: RoundSpec, up: np.ndarray, down: np.ndarray, timing: StarTiming) -> RoundOutcome:
+    """An analytic model's outcome: co-located pairs delivered (they never cross the network), star timing."""
+    local = spec.local_pairs()
+    up[local] = True
+    down[local.T] = True
+    up_t, down_t = timing.phase_times(spec)
+    return RoundOutcome(up, down, up_t, down_t)

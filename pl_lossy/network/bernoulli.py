@@ -12,6 +12,7 @@ from .base import (
     check_probability,
     check_seed,
     round_rng,
+    star_outcome,
 )
 
 
@@ -46,11 +47,7 @@ class BernoulliNetwork(NetworkModel):
         rng = round_rng(self.seed, spec.round)
         up = rng.random(spec.up_shape, dtype=np.float32) >= self.uplink_drop_rate
         down = rng.random(spec.down_shape, dtype=np.float32) >= self.downlink_drop_rate
-        local = spec.local_pairs()
-        up[local] = True
-        down[local.T] = True
-        up_t, down_t = self.timing.phase_times(spec)
-        return RoundOutcome(up, down, up_t, down_t)
+        return star_outcome(spec, up, down, self.timing)
 
     def describe(self) -> str:
         return (

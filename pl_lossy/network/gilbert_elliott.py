@@ -12,6 +12,7 @@ from .base import (
     check_probability,
     check_seed,
     round_rng,
+    star_outcome,
 )
 
 
@@ -90,11 +91,7 @@ class GilbertElliottNetwork(NetworkModel):
         rng = round_rng(self.seed, spec.round)
         up = self._phase_mask(rng, spec.up_shape)
         down = self._phase_mask(rng, spec.down_shape)
-        local = spec.local_pairs()
-        up[local] = True
-        down[local.T] = True
-        up_t, down_t = self.timing.phase_times(spec)
-        return RoundOutcome(up, down, up_t, down_t)
+        return star_outcome(spec, up, down, self.timing)
 
     def describe(self) -> str:
         return (

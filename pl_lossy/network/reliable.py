@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NetworkModel, RoundOutcome, RoundSpec, StarTiming
+from .base import NetworkModel, RoundOutcome, RoundSpec, StarTiming, star_outcome
 
 
 class ReliableNetwork(NetworkModel):
@@ -17,8 +17,7 @@ class ReliableNetwork(NetworkModel):
         self.seed = seed  # unused: accepted so that every model takes the same common settings
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
-        up_t, down_t = self.timing.phase_times(spec)
-        return RoundOutcome(np.ones(spec.up_shape, bool), np.ones(spec.down_shape, bool), up_t, down_t)
+        return star_outcome(spec, np.ones(spec.up_shape, bool), np.ones(spec.down_shape, bool), self.timing)
 
     def describe(self) -> str:
         return f"Reliable({self.timing.link_rate_bps / 1e9:g} Gb/s)"
