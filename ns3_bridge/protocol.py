@@ -1,0 +1,142 @@
+"""The bridge's wire format, shared by client and server. No pickle: JSON headers and raw frames.
+
+A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON object with ``"v"`` (the protocol
+version) and ``"type"``; any further frames are raw bytes described by the header.
+
+Requests                                          Replies
+``ping``                                          ``pong`` {pid, configured}
+``configure`` {network: NetworkConfig fields}     ``ok``
+``outcome`` {rounds: [shape, ...]}                ``outcome`` {rounds: [{round, up_time_s, down_time_s,
+                                                  stats}, ...]} + 2 frames per round: the packed bits
+                                                  (numpy.packbits, C order) of ``up`` [W,S,P] and ``down`` [S,W,P]
+``shutdown``                                      ``ok``
+any malformed or failing request                  ``error`` {message}
+
+A round shape is ``{round, n_workers, n_servers, packets_per_block, packet_bytes, colocated_servers,
+transport}`` (the fields of ``pl_lossy.network.RoundSpec``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .sim.round import RoundShape, SimulatedRound
+
+VERSION = 1
+REQUESTS = ("ping", "configure", "outcome", "shutdown")
+MAX_ROUNDS_PER_REQUEST = 4096
+MAX_HOSTS = 4096
+MAX_PACKETS_PER_BLOCK = 10_000_000
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; its text says which field and why."""
+
+
+def encode(header: dict[str, Any], frames: list[bytes] | tuple = ()) -> list[bytes]:
+    return [json.dumps({"v": VERSION, **header}).encode(), *frames]
+
+
+def decode(parts: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    if not parts:
+        raise ProtocolError("empty message")
+    try:
+        header = json.loads(parts[0].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"frame 0 is not a JSON object: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"frame 0 must be a JSON object, got {type(header).__name__}")
+    if header.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} is not supported (this side speaks {VERSION})")
+    if not isinstance(header.get("type"), str):
+        raise ProtocolError("the header has no string 'type'")
+    return header, list(parts[1:])
+
+
+def _int_field(d: dict, name: str, lo: int, hi: int) -> int:
+    value = d.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"round field {name!r} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"round field {name!r} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def parse_shape(d: Any) -> RoundShape:
+    if not isinstance(d, dict):
+        raise ProtocolError(f"a round must be a JSON object, got {type(d).__name__}")
+    allowed = {"round", "n_workers", "n_servers", "packets_per_block", "packet_bytes", "colocated_servers", "transport"}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ProtocolError(f"unknown round fields {unknown}")
+    transport = d.get("transport", "udp")
+    if transport != "udp":
+        raise ProtocolError(f"transport {transport!r} is not simulated yet (only 'udp')")
+    colocated = d.get("colocated_servers", True)
+    if not isinstance(colocated, bool):
+        raise ProtocolError(f"round field 'colocated_servers' must be true or false, got {colocated!r}")
+    shape = RoundShape(
+        round=_int_field(d, "round", 0, 2**32 - 1),
+        n_workers=_int_field(d, "n_workers", 1, MAX_HOSTS),
+        n_servers=_int_field(d, "n_servers", 1, MAX_HOSTS),
+        packets_per_block=_int_field(d, "packets_per_block", 1, MAX_PACKETS_PER_BLOCK),
+        packet_bytes=_int_field(d, "packet_bytes", 16, 65_000),
+        colocated_servers=colocated,
+    )
+    if colocated and shape.n_servers > shape.n_workers:
+        raise ProtocolError(f"{shape.n_servers} co-located servers need as many workers, got {shape.n_workers}")
+    if shape.n_hosts > MAX_HOSTS:
+        raise ProtocolError(f"{shape.n_hosts} hosts is more than the {MAX_HOSTS} this bridge simulates")
+    return shape
+
+
+def shape_to_dict(shape: RoundShape) -> dict[str, Any]:
+    return {
+        "round": shape.round,
+        "n_workers": shape.n_workers,
+        "n_servers": shape.n_servers,
+        "packets_per_block": shape.packets_per_block,
+        "packet_bytes": shape.packet_bytes,
+        "colocated_servers": shape.colocated_servers,
+    }
+
+
+def parse_rounds(header: dict[str, Any]) -> list[RoundShape]:
+    rounds = header.get("rounds")
+    if not isinstance(rounds, list) or not rounds:
+        raise ProtocolError("'rounds' must be a non-empty list of round shapes")
+    if len(rounds) > MAX_ROUNDS_PER_REQUEST:
+        raise ProtocolError(f"at most {MAX_ROUNDS_PER_REQUEST} rounds per request, got {len(rounds)}")
+    return [parse_shape(r) for r in rounds]
+
+
+def encode_round(result: SimulatedRound, round_index: int) -> tuple[dict[str, Any], list[bytes]]:
+    meta = {
+        "round": round_index,
+        "up_time_s": result.up_time_s,
+        "down_time_s": result.down_time_s,
+        "stats": result.stats,
+    }
+    return meta, [np.packbits(result.up.ravel()).tobytes(), np.packbits(result.down.ravel()).tobytes()]
+
+
+def decode_rounds(header: dict[str, Any], frames: list[bytes], shapes: list[RoundShape]) -> list[SimulatedRound]:
+    metas = header.get("rounds")
+    if not isinstance(metas, list) or len(metas) != len(shapes) or len(frames) != 2 * len(shapes):
+        raise ProtocolError(f"an outcome reply for {len(shapes)} rounds needs {len(shapes)} entries and {2 * len(shapes)} frames")
+    out = []
+    for k, (meta, shape) in enumerate(zip(metas, shapes)):
+        if meta.get("round") != shape.round:
+            raise ProtocolError(f"reply entry {k} is round {meta.get('round')}, expected {shape.round}")
+        W, S, P = shape.n_workers, shape.n_servers, shape.packets_per_block
+        n = W * S * P
+        up_bits, down_bits = (np.frombuffer(f, dtype=np.uint8) for f in frames[2 * k : 2 * k + 2])
+        if up_bits.size != (n + 7) // 8 or down_bits.size != (n + 7) // 8:
+            raise ProtocolError(f"round {shape.round}: mask frames of {up_bits.size}/{down_bits.size} bytes, expected {(n + 7) // 8}")
+        up = np.unpackbits(up_bits, count=n).astype(bool).reshape(W, S, P)
+        down = np.unpackbits(down_bits, count=n).astype(bool).reshape(S, W, P)
+        out.append(SimulatedRound(up, down, float(meta["up_time_s"]), float(meta["down_time_s"]), dict(meta.get("stats", {}))))
+    return out

@@ -1,0 +1,125 @@
+"""The simulated network's settings, validated without ns-3 (the training side checks them before launch)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+TOPOLOGIES = ("star",)
+ERROR_MODELS = ("rate", "burst", "gilbert_elliott")
+QUEUE_DISCS = ("none", "fifo")
+
+_RATE_UNITS = {"bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def parse_rate(value: Any) -> float:
+    """``"10Gbps"``, ``"100Mbps"`` or a number of bits per second -> bits per second."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        rate = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]+)\s*", str(value))
+        if not m or m.group(2).lower() not in _RATE_UNITS:
+            raise ValueError(f"link_rate must be a number of bits/s or like '10Gbps', got {value!r}")
+        rate = float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
+    if not rate > 0:
+        raise ValueError(f"link_rate must be > 0, got {value!r}")
+    return rate
+
+
+def parse_time(value: Any, name: str = "link_delay") -> float:
+    """``"10us"``, ``"1ms"`` or a number of seconds -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]+)\s*", str(value))
+        if not m or m.group(2).lower() not in _TIME_UNITS:
+            raise ValueError(f"{name} must be a number of seconds or like '10us', got {value!r}")
+        seconds = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    if seconds < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return seconds
+
+
+def _probability(name: str, value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """One simulated network. Every host has its own point-to-point link to one switch (``star``).
+
+    ``loss_rate`` and the error model sit on each host's receiving interface, so every packet meets
+    exactly one of them. ``queue_packets`` is the switch's egress buffer per port (where incast
+    drops happen); ``queue_disc="none"`` keeps only that device queue (ns-3's default FqCoDel, which
+    would hide it, is removed), ``"fifo"`` puts a FIFO queue discipline of that size in front of a
+    one-packet device queue.
+    """
+
+    topology: str = "star"
+    link_rate_bps: float = 10e9
+    link_delay_s: float = 10e-6
+    queue_packets: int = 100
+    queue_disc: str = "none"
+    error_model: str = "rate"
+    loss_rate: float = 0.0
+    burst_rate: float = 0.0  # error_model=burst: probability that a burst starts at a packet
+    burst_packets: int = 10  # error_model=burst: mean burst length (uniform 1..2*mean-1)
+    ge_p_good_to_bad: float = 0.001
+    ge_p_bad_to_good: float = 0.1
+    ge_loss_good: float = 0.0
+    ge_loss_bad: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}, got {self.topology!r}")
+        if self.error_model not in ERROR_MODELS:
+            raise ValueError(f"error_model must be one of {ERROR_MODELS}, got {self.error_model!r}")
+        if self.queue_disc not in QUEUE_DISCS:
+            raise ValueError(f"queue_disc must be one of {QUEUE_DISCS}, got {self.queue_disc!r}")
+        object.__setattr__(self, "link_rate_bps", parse_rate(self.link_rate_bps))
+        object.__setattr__(self, "link_delay_s", parse_time(self.link_delay_s))
+        if int(self.queue_packets) != self.queue_packets or self.queue_packets < 1:
+            raise ValueError(f"queue_packets must be an integer >= 1, got {self.queue_packets!r}")
+        if int(self.burst_packets) != self.burst_packets or self.burst_packets < 1:
+            raise ValueError(f"burst_packets must be an integer >= 1, got {self.burst_packets!r}")
+        for name in ("loss_rate", "burst_rate", "ge_p_good_to_bad", "ge_p_bad_to_good", "ge_loss_good", "ge_loss_bad"):
+            object.__setattr__(self, name, _probability(name, getattr(self, name)))
+        if self.ge_p_good_to_bad + self.ge_p_bad_to_good == 0:
+            raise ValueError("ge_p_good_to_bad and ge_p_bad_to_good cannot both be 0")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be an integer in [0, 2^31), got {self.seed!r}")
+        object.__setattr__(self, "queue_packets", int(self.queue_packets))
+        object.__setattr__(self, "burst_packets", int(self.burst_packets))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @property
+    def mean_loss_rate(self) -> float:
+        """Expected fraction of packets the error model destroys (queue drops come on top)."""
+        if self.error_model == "rate":
+            return self.loss_rate
+        if self.error_model == "burst":
+            # a burst starts with probability b at a packet outside a burst and lasts L packets
+            b, length = self.burst_rate, self.burst_packets
+            return b * length / (1 + b * (length - 1)) if b > 0 else 0.0
+        pi_bad = self.ge_p_good_to_bad / (self.ge_p_good_to_bad + self.ge_p_bad_to_good)
+        return pi_bad * self.ge_loss_bad + (1 - pi_bad) * self.ge_loss_good
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NetworkConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown network settings {unknown}; known: {sorted(known)}")
+        return cls(**data)

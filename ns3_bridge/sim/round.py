@@ -1,0 +1,44 @@
+"""What one round is to the simulator: its sizes in, its per-packet outcome out (no ns-3 needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RoundShape:
+    """The sizes the simulator needs (the bridge's copy of ``pl_lossy.network.RoundSpec``)."""
+
+    round: int
+    n_workers: int
+    n_servers: int
+    packets_per_block: int
+    packet_bytes: int
+    colocated_servers: bool = True
+
+    @property
+    def n_hosts(self) -> int:
+        return self.n_workers if self.colocated_servers else self.n_workers + self.n_servers
+
+    def server_host(self, j: int) -> int:
+        return j if self.colocated_servers else self.n_workers + j
+
+    def remote_pairs(self) -> list[tuple[int, int]]:
+        """(worker, server) pairs whose traffic crosses the network."""
+        return [
+            (i, j)
+            for i in range(self.n_workers)
+            for j in range(self.n_servers)
+            if not (self.colocated_servers and i == j)
+        ]
+
+
+@dataclass
+class SimulatedRound:
+    up: np.ndarray  # bool [W, S, P]
+    down: np.ndarray  # bool [S, W, P]
+    up_time_s: float
+    down_time_s: float
+    stats: dict[str, float] = field(default_factory=dict)

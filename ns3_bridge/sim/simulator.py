@@ -1,0 +1,115 @@
+"""RoundSimulator: one process's ns-3, simulating RPS rounds on a fixed topology.
+
+A round is two phases run back to back (uplink: workers -> servers, then downlink), each until its
+events drain, so every round starts from empty queues. Before each round the RNG run is set from the
+round index and every error model gets fresh streams, so a round's outcome depends only on
+(settings, seed, round), whichever rounds this process simulated before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import NetworkConfig
+from .round import RoundShape, SimulatedRound
+from .loader import load_ns
+from .star import build_star
+
+PORT = 9000
+PHASE_UP, PHASE_DOWN = 1, 2
+
+
+class RoundSimulator:
+    def __init__(self, config: NetworkConfig) -> None:
+        self.config = config
+        self.ns = load_ns()
+        self._n_hosts: int | None = None
+
+    def _ensure_topology(self, n_hosts: int) -> None:
+        if self._n_hosts == n_hosts:
+            return
+        ns = self.ns
+        if self._n_hosts is not None:
+            ns.Simulator.Destroy()
+        self.star = build_star(ns, self.config, n_hosts)
+        self.engine = ns.cppyy.gbl.pl_lossy.RoundEngine(PORT)
+        for h in range(n_hosts):
+            self.engine.AddHost(self.star.hosts.Get(h), self.star.host_addresses[h])
+        self.error_models = [self._error_model() for _ in range(n_hosts)]
+        for dev, em in zip(self.star.host_devices, self.error_models):
+            dev.SetAttribute("ReceiveErrorModel", ns.PointerValue(em))
+            self.engine.WatchLinkErrors(dev)
+        for dev in self.star.switch_devices + self.star.host_devices:
+            self.engine.WatchDeviceQueue(dev)
+        for disc in self.star.queue_discs:
+            self.engine.WatchQueueDisc(disc)
+        self._n_hosts = n_hosts
+
+    def _error_model(self):
+        ns, cfg = self.ns, self.config
+        if cfg.error_model == "rate":
+            em = ns.CreateObject[ns.RateErrorModel]()
+            em.SetAttribute("ErrorRate", ns.DoubleValue(cfg.loss_rate))
+            em.SetAttribute("ErrorUnit", ns.StringValue("ERROR_UNIT_PACKET"))
+        elif cfg.error_model == "burst":
+            em = ns.CreateObject[ns.BurstErrorModel]()
+            em.SetAttribute("BurstRate", ns.DoubleValue(cfg.burst_rate))
+            em.SetAttribute(
+                "BurstSize",
+                ns.StringValue(f"ns3::UniformRandomVariable[Min=1|Max={2 * cfg.burst_packets}]"),
+            )
+        else:
+            em = ns.CreateObject[ns.cppyy.gbl.pl_lossy.GilbertElliottErrorModel]()
+            em.SetParameters(cfg.ge_p_good_to_bad, cfg.ge_p_bad_to_good, cfg.ge_loss_good, cfg.ge_loss_bad)
+        return em
+
+    def _start_round(self, round_index: int) -> None:
+        ns = self.ns
+        ns.RngSeedManager.SetSeed(self.config.seed + 1)  # ns-3 seeds must be > 0
+        ns.RngSeedManager.SetRun(round_index)
+        for h, em in enumerate(self.error_models):
+            em.AssignStreams(16 * h)  # fresh streams under this round's run
+            em.Reset()
+        self.engine.ResetCounters()
+
+    def _phase(self, shape: RoundShape, phase: int, src: list[int], dst: list[int]) -> tuple[np.ndarray, float]:
+        arrivals = np.empty((len(src), shape.packets_per_block), dtype=np.int64)
+        if not src:
+            return arrivals, 0.0
+        elapsed = self.engine.RunPhase(
+            shape.round,
+            phase,
+            np.asarray(src, dtype=np.int32),
+            np.asarray(dst, dtype=np.int32),
+            len(src),
+            shape.packets_per_block,
+            shape.packet_bytes,
+            self.config.link_rate_bps,
+            arrivals,
+        )
+        return arrivals, float(elapsed)
+
+    def simulate(self, shape: RoundShape) -> SimulatedRound:
+        self._ensure_topology(shape.n_hosts)
+        self._start_round(shape.round)
+        pairs = shape.remote_pairs()
+        workers = [i for i, _ in pairs]
+        servers = [shape.server_host(j) for _, j in pairs]
+        up_arrivals, up_time = self._phase(shape, PHASE_UP, workers, servers)
+        down_arrivals, down_time = self._phase(shape, PHASE_DOWN, servers, workers)
+
+        W, S, P = shape.n_workers, shape.n_servers, shape.packets_per_block
+        up = np.ones((W, S, P), dtype=bool)
+        down = np.ones((S, W, P), dtype=bool)
+        if pairs:
+            i, j = np.asarray(pairs).T
+            up[i, j] = up_arrivals >= 0
+            down[j, i] = down_arrivals >= 0
+        e = self.engine
+        stats = {
+            "packets_sent": float(e.sent),
+            "packets_received": float(e.received),
+            "drops_link_error": float(e.linkDrops),
+            "drops_queue": float(e.queueDrops),
+        }
+        return SimulatedRound(up, down, up_time, down_time, stats)
