@@ -38,13 +38,17 @@ class SimulationProcess:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.settings: dict[str, Any] | None = None
-        self.restarts = 0
+        self.restarts = 0  # simulation processes started to replace one that died
+        self._started = False
         self._proc = None
         self._conn = None
 
     def _start(self) -> None:
         from .sim import worker
 
+        if self._started:
+            self.restarts += 1
+        self._started = True
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited sockets or threads
         self._conn, child_end = ctx.Pipe()
         self._proc = ctx.Process(target=worker.serve, args=(child_end,), daemon=True, name="ns3-sim")
@@ -84,13 +88,16 @@ class SimulationProcess:
                 reply = self._call(("simulate", shape))
                 break
             except SimulatorDied as exc:
-                self.restarts += 1
                 print(f"ns3_bridge: {exc} during round {shape.round}; restarting it", file=sys.stderr, flush=True)
                 if attempt == 2:
                     raise RuntimeError(f"{exc} twice while simulating round {shape.round}") from None
         if reply[0] != "round":
             raise RuntimeError(reply[1])
         return reply[1]
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -120,7 +127,7 @@ class BridgeServer:
             kind = header["type"]
             if kind == "ping":
                 return protocol.encode({"type": "pong", "pid": os.getpid(), "configured": self.config is not None,
-                                        "simulator_restarts": self.sim.restarts})
+                                        "simulator_pid": self.sim.pid, "simulator_restarts": self.sim.restarts})
             if kind == "configure":
                 return self._configure(header)
             if kind == "outcome":

@@ -50,11 +50,20 @@ class RoundEngine
                                            ns3::MakeCallback(&RoundEngine::OnLinkDrop, this));
     }
 
-    // Packets a full device queue refused (no queue discipline installed).
+    // Packets a full device queue refused.
     void WatchDeviceQueue(ns3::Ptr<ns3::NetDevice> device)
     {
         device->TraceConnectWithoutContext("MacTxDrop",
                                            ns3::MakeCallback(&RoundEngine::OnQueueDrop, this));
+    }
+
+    // Packets the traffic-control layer dropped because a device queue without a queue discipline
+    // was full (flow control stopped it): this is where incast drops show up with queue_disc=none.
+    void WatchTrafficControl(ns3::Ptr<ns3::Node> node)
+    {
+        node->GetObject<ns3::TrafficControlLayer>()->TraceConnectWithoutContext(
+            "TcDrop",
+            ns3::MakeCallback(&RoundEngine::OnQueueDrop, this));
     }
 
     void WatchQueueDisc(ns3::Ptr<ns3::QueueDisc> disc)

@@ -25,12 +25,17 @@ class RoundSimulator:
         self.ns = load_ns()
         self._n_hosts: int | None = None
 
+    def close(self) -> None:
+        """Destroy this process's simulation (topology, events) so that a new one starts clean."""
+        if self._n_hosts is not None:
+            self.ns.Simulator.Destroy()
+            self._n_hosts = None
+
     def _ensure_topology(self, n_hosts: int) -> None:
         if self._n_hosts == n_hosts:
             return
         ns = self.ns
-        if self._n_hosts is not None:
-            ns.Simulator.Destroy()
+        self.close()
         self.star = build_star(ns, self.config, n_hosts)
         self.engine = ns.cppyy.gbl.pl_lossy.RoundEngine(PORT)
         for h in range(n_hosts):
@@ -41,6 +46,8 @@ class RoundSimulator:
             self.engine.WatchLinkErrors(dev)
         for dev in self.star.switch_devices + self.star.host_devices:
             self.engine.WatchDeviceQueue(dev)
+        for node in [self.star.switch.Get(0)] + [self.star.hosts.Get(h) for h in range(n_hosts)]:
+            self.engine.WatchTrafficControl(node)
         for disc in self.star.queue_discs:
             self.engine.WatchQueueDisc(disc)
         self._n_hosts = n_hosts

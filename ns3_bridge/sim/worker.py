@@ -30,6 +30,8 @@ def serve(conn: Connection) -> None:
             if kind == "configure":
                 from .simulator import RoundSimulator
 
+                if simulator is not None:
+                    simulator.close()
                 simulator = RoundSimulator(NetworkConfig.from_dict(message[1]))
                 conn.send(("ok",))
             elif kind == "simulate":

@@ -3,6 +3,7 @@
 from .base import NetworkModel, RoundOutcome, RoundSpec, round_rng
 from .bernoulli import BernoulliNetwork
 from .gilbert_elliott import GilbertElliottNetwork
+from .ns3 import Ns3Network
 from .reliable import ReliableNetwork
 from .trace import TraceNetwork, TraceRecorder
 
@@ -10,6 +11,7 @@ __all__ = [
     "BernoulliNetwork",
     "GilbertElliottNetwork",
     "NetworkModel",
+    "Ns3Network",
     "ReliableNetwork",
     "RoundOutcome",
     "RoundSpec",

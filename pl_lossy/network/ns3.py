@@ -1,0 +1,149 @@
+"""Ns3Network: rounds simulated packet by packet by ns-3, behind the ZeroMQ bridge."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from typing import Any, Iterable, Optional
+
+from ns3_bridge.client import BridgeClient, BridgeError
+from ns3_bridge.sim.config import NetworkConfig
+from ns3_bridge.sim.round import RoundShape
+
+from .base import NetworkModel, RoundOutcome, RoundSpec
+
+
+class Ns3Network(NetworkModel):
+    """Every round's packets cross an ns-3 simulation; its masks and phase times are what training applies.
+
+    With ``endpoint=None`` the first round starts a bridge (``python -m ns3_bridge.server``) as a
+    child of this process, which is stopped by :meth:`close` (the strategy's teardown), at exit, and
+    by the bridge itself if this process dies. Give ``endpoint`` (``ipc://...`` or ``tcp://host:port``)
+    to use a bridge you run yourself. Only rank 0 talks to the bridge.
+
+    Settings (see :class:`ns3_bridge.sim.config.NetworkConfig`): ``topology`` (``star``), ``link_rate``
+    (``"10Gbps"`` or bits/s), ``link_delay`` (``"10us"`` or seconds), ``loss_rate`` (error model ``rate``),
+    ``queue_packets`` (switch buffer per port), ``queue_disc`` (``none``/``fifo``), ``error_model``
+    (``rate``/``burst``/``gilbert_elliott``) and its parameters, ``seed``. ``timeout_s`` bounds every
+    request; ``startup_timeout_s`` the bridge's start (which may build ns-3's precompiled header once).
+    """
+
+    same_on_every_rank = False
+
+    def __init__(
+        self,
+        topology: str = "star",
+        link_rate: Any = "10Gbps",
+        link_delay: Any = "10us",
+        loss_rate: float = 0.0,
+        queue_packets: int = 100,
+        queue_disc: str = "none",
+        error_model: str = "rate",
+        burst_rate: float = 0.0,
+        burst_packets: int = 10,
+        ge_p_good_to_bad: float = 0.001,
+        ge_p_bad_to_good: float = 0.1,
+        ge_loss_good: float = 0.0,
+        ge_loss_bad: float = 1.0,
+        seed: int = 0,
+        endpoint: Optional[str] = None,
+        timeout_s: float = 120.0,
+        startup_timeout_s: float = 300.0,
+    ) -> None:
+        self.config = NetworkConfig(
+            topology=topology,
+            link_rate_bps=link_rate,
+            link_delay_s=link_delay,
+            queue_packets=queue_packets,
+            queue_disc=queue_disc,
+            error_model=error_model,
+            loss_rate=loss_rate,
+            burst_rate=burst_rate,
+            burst_packets=burst_packets,
+            ge_p_good_to_bad=ge_p_good_to_bad,
+            ge_p_bad_to_good=ge_p_bad_to_good,
+            ge_loss_good=ge_loss_good,
+            ge_loss_bad=ge_loss_bad,
+            seed=seed,
+        )
+        if not timeout_s > 0 or not startup_timeout_s > 0:
+            raise ValueError(f"timeout_s and startup_timeout_s must be > 0, got {timeout_s}, {startup_timeout_s}")
+        self.endpoint = endpoint
+        self.timeout_s = float(timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._client: Optional[BridgeClient] = None
+        self._process: Optional[subprocess.Popen] = None
+
+    # ------------------------------------------------------------------ the bridge
+
+    @property
+    def bridge_pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    def _connect(self) -> BridgeClient:
+        if self._client is not None:
+            return self._client
+        alive = None
+        endpoint = self.endpoint
+        if endpoint is None:
+            endpoint = f"ipc://{tempfile.gettempdir()}/pl-lossy-{os.getpid()}-{uuid.uuid4().hex[:8]}.ipc"
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint, "--parent-pid", str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop the bridge in close()
+            )
+            atexit.register(self.close)
+            process = self._process
+            alive = lambda: process.poll() is None  # noqa: E731
+        client = BridgeClient(endpoint, self.timeout_s, alive=alive)
+        try:
+            client.ping(timeout_s=self.startup_timeout_s)
+            client.configure(self.config, timeout_s=self.startup_timeout_s)
+        except BridgeError:
+            client.close()
+            self.close()
+            raise
+        self._client = client
+        return client
+
+    def outcome(self, spec: RoundSpec) -> RoundOutcome:
+        if spec.transport != "udp":
+            raise ValueError(f"Ns3Network simulates transport 'udp' only so far, got {spec.transport!r}")
+        shape = RoundShape(
+            spec.round, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes, spec.colocated_servers
+        )
+        (result,) = self._connect().outcomes([shape])
+        return RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
+
+    def prefetch(self, specs: Iterable[RoundSpec]) -> None:
+        """Rounds are simulated on request for now (run-ahead comes with the simulation pool)."""
+
+    def close(self) -> None:
+        client, process = self._client, self._process
+        self._client = self._process = None
+        if client is not None and (process is None or process.poll() is None):
+            try:
+                client.shutdown(timeout_s=5.0) if process is not None else None
+            except BridgeError:
+                pass
+        if client is not None:
+            client.close()
+        if process is not None:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def describe(self) -> str:
+        c = self.config
+        where = self.endpoint or "a bridge of its own"
+        loss = f"{c.error_model} loss {c.mean_loss_rate:g}"
+        return (
+            f"ns-3 {c.topology}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
+            f"queue {c.queue_packets} pkts, seed {c.seed}) via {where}"
+        )

@@ -1,0 +1,28 @@
+"""A bridge per test session (the real server, the real ns-3), and helpers to start more."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+from ns3_bridge.client import BridgeClient
+
+
+class RunningBridge:
+    def __init__(self, tmp_dir):
+        self.endpoint = f"ipc://{tmp_dir}/bridge-{uuid.uuid4().hex[:8]}.ipc"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ns3_bridge.server", "--endpoint", self.endpoint, "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
+        self.client = BridgeClient(self.endpoint, timeout_s=300, alive=lambda: self.process.poll() is None)
+        self.client.ping(timeout_s=300)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(20)
+        self.client.close()

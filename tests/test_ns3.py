@@ -1,0 +1,249 @@
+"""ns-3 in the loop: the real bridge server driving the real simulator."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from ns3_bridge import protocol
+from ns3_bridge.client import BridgeError
+from ns3_bridge.sim.config import NetworkConfig
+from ns3_bridge.sim.round import RoundShape
+
+from ns3_fixtures import RunningBridge
+
+
+@pytest.fixture(scope="session")
+def bridge(tmp_path_factory):
+    running = RunningBridge(tmp_path_factory.mktemp("bridge"))
+    yield running
+    running.stop()
+
+
+def simulate(bridge, config, shapes):
+    bridge.client.configure(config)
+    return bridge.client.outcomes(shapes)
+
+
+def remote(shape, up):
+    mask = np.ones((shape.n_workers, shape.n_servers), bool)
+    if shape.colocated_servers:
+        mask[range(shape.n_servers), range(shape.n_servers)] = False
+    return up[mask]
+
+
+def test_measured_loss_matches_the_configured_rate(bridge):
+    shape = RoundShape(0, 4, 4, 3000, 1400)
+    (out,) = simulate(bridge, NetworkConfig(loss_rate=0.05, seed=1), [shape])
+    for mask in (out.up, out.down.transpose(1, 0, 2)):
+        sent = remote(shape, mask)
+        lost = sent.size - sent.sum()
+        assert abs(lost - 0.05 * sent.size) < 5 * np.sqrt(sent.size * 0.05 * 0.95)
+    assert out.stats["drops_link_error"] == (~remote(shape, out.up)).sum() + (~remote(shape, out.down.transpose(1, 0, 2))).sum()
+    assert out.stats["drops_queue"] == 0
+    assert out.up[0, 0].all() and out.down[1, 1].all()  # co-located: never on the network
+
+
+def test_same_seed_same_outcomes_in_any_order_and_process(bridge, tmp_path):
+    config = NetworkConfig(loss_rate=0.1, seed=3)
+    shapes = [RoundShape(r, 3, 3, 400, 1000) for r in range(5)]
+    forward = simulate(bridge, config, shapes)
+    other = RunningBridge(tmp_path)
+    try:
+        backward = simulate(other, config, shapes[::-1])[::-1]
+    finally:
+        other.stop()
+    for a, b in zip(forward, backward):
+        assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down)
+        assert a.up_time_s == b.up_time_s and a.stats == b.stats
+    assert not np.array_equal(forward[0].up, forward[1].up)
+    (reseeded,) = simulate(bridge, NetworkConfig(loss_rate=0.1, seed=4), shapes[:1])
+    assert not np.array_equal(reseeded.up, forward[0].up)
+
+
+def test_lossless_completion_time_is_bytes_over_rate_plus_delays(bridge):
+    rate, delay, P, payload = 1e9, 100e-6, 1000, 1400
+    (out,) = simulate(bridge, NetworkConfig(link_rate_bps=rate, link_delay_s=delay), [RoundShape(0, 2, 2, P, payload)])
+    wire = (payload + 30) * 8 / rate  # UDP + IPv4 + PPP headers
+    expected = P * wire + 2 * delay + wire  # serialize the block, cross two links, forward the last packet
+    assert out.up.all() and out.down.all()
+    assert out.up_time_s == pytest.approx(expected, rel=0.002)
+    assert out.down_time_s == pytest.approx(expected, rel=0.002)
+
+
+def test_incast_drops_at_a_small_queue_and_not_at_a_large_one(bridge):
+    shape = RoundShape(0, 8, 1, 500, 1400)  # 7 workers send to one server at line rate
+    (small,) = simulate(bridge, NetworkConfig(queue_packets=10), [shape])
+    (large,) = simulate(bridge, NetworkConfig(queue_packets=10_000), [shape])
+    assert small.stats["drops_queue"] > 1000 and small.stats["drops_link_error"] == 0
+    assert remote(shape, small.up).mean() < 0.5
+    assert large.stats["drops_queue"] == 0 and large.up.all()
+    assert large.up_time_s > 6.5 * 500 * 1430 * 8 / 10e9  # the server's port drains 7 blocks
+
+
+def test_queue_disc_fifo_drops_under_incast_too(bridge):
+    shape = RoundShape(0, 8, 1, 500, 1400)
+    (out,) = simulate(bridge, NetworkConfig(queue_packets=10, queue_disc="fifo"), [shape])
+    assert out.stats["drops_queue"] > 1000
+
+
+def _runs(rows):
+    lengths = []
+    for row in rows:
+        edges = np.diff(np.concatenate([[0], (~row).astype(int), [0]]))
+        lengths.extend(np.nonzero(edges == -1)[0] - np.nonzero(edges == 1)[0])
+    return np.asarray(lengths)
+
+
+def test_gilbert_elliott_gives_bursts_with_the_configured_mean(bridge):
+    config = NetworkConfig(error_model="gilbert_elliott", ge_p_good_to_bad=0.01, ge_p_bad_to_good=0.2, seed=2)
+    shapes = [RoundShape(r, 2, 2, 20000, 200) for r in range(3)]  # one sender per receiver: runs are the chain's
+    rows = [m for out in simulate(bridge, config, shapes) for m in (out.up[0, 1], out.up[1, 0], out.down[0, 1], out.down[1, 0])]
+    lost = np.mean([(~r).mean() for r in rows])
+    assert lost == pytest.approx(config.mean_loss_rate, rel=0.15)  # 0.01 / 0.21 = 4.8%
+    assert _runs(rows).mean() == pytest.approx(5.0, rel=0.15)  # 1 / ge_p_bad_to_good
+    (iid,) = simulate(bridge, NetworkConfig(loss_rate=config.mean_loss_rate, seed=2), shapes[:1])
+    assert _runs([iid.up[0, 1], iid.up[1, 0]]).mean() < 1.2
+
+
+def test_malformed_messages_get_error_replies_and_the_bridge_keeps_serving(bridge):
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    sock.connect(bridge.endpoint)
+
+    def ask(*parts):
+        sock.send_multipart(list(parts))
+        return protocol.decode(sock.recv_multipart())[0]
+
+    bad = [
+        (b"not json", "not a JSON object"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"v": 99, "type": "ping"}', "version 99 is not supported"),
+        (b'{"v": 1}', "no string 'type'"),
+        (b'{"v": 1, "type": "dance"}', "unknown request type 'dance'"),
+        (b'{"v": 1, "type": "configure", "network": {"loss_rate": 3}}', "loss_rate must be a probability"),
+        (b'{"v": 1, "type": "configure", "network": {"colour": "red"}}', "unknown network settings ['colour']"),
+        (b'{"v": 1, "type": "outcome", "rounds": []}', "non-empty list"),
+        (b'{"v": 1, "type": "outcome", "rounds": [{"round": -1, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'round' must be in"),
+        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 3, "packets_per_block": 3, "packet_bytes": 100}]}', "co-located servers need"),
+        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": "2", "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'n_workers' must be an integer"),
+        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100, "transport": "tcp"}]}', "not simulated yet"),
+    ]
+    for message, expected in bad:
+        reply = ask(message)
+        assert reply["type"] == "error" and expected in reply["message"], (message, reply)
+    assert ask(b'{"v": 1, "type": "ping"}')["type"] == "pong"
+    sock.close(0)
+
+
+def test_outcome_before_configure_is_an_error(tmp_path):
+    fresh = RunningBridge(tmp_path)
+    try:
+        with pytest.raises(BridgeError, match="not configured"):
+            fresh.client.outcomes([RoundShape(0, 2, 2, 10, 100)])
+        assert fresh.client.ping()["configured"] is False
+    finally:
+        fresh.stop()
+
+
+def test_a_killed_simulator_is_restarted_and_its_round_is_unchanged(bridge):
+    config = NetworkConfig(loss_rate=0.2, seed=9)
+    shapes = [RoundShape(r, 2, 2, 300, 500) for r in (0, 1)]
+    before = simulate(bridge, config, shapes[:1])[0]
+    pong = bridge.client.ping()
+    os.kill(pong["simulator_pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    after = bridge.client.outcomes(shapes)  # round 1 needs the (restarted) simulator
+    assert np.array_equal(after[0].up, before.up)
+    assert bridge.client.ping()["simulator_restarts"] == pong["simulator_restarts"] + 1
+    bridge.client.configure(NetworkConfig(loss_rate=0.3, seed=9))  # drop the cache: simulate round 1 again
+    bridge.client.configure(config)
+    again = bridge.client.outcomes(shapes[1:])[0]
+    assert np.array_equal(again.up, after[1].up) and np.array_equal(again.down, after[1].down)
+
+
+def test_a_dead_bridge_is_reported_by_name_within_the_timeout(tmp_path):
+    fresh = RunningBridge(tmp_path)
+    fresh.client.configure(NetworkConfig())
+    fresh.process.kill()
+    fresh.process.wait()
+    start = time.monotonic()
+    with pytest.raises(BridgeError, match=f"bridge at {fresh.endpoint}"):
+        fresh.client.outcomes([RoundShape(0, 2, 2, 10, 100)])
+    assert time.monotonic() - start < 5
+    from ns3_bridge.client import BridgeClient
+
+    orphan = BridgeClient(fresh.endpoint, timeout_s=1.0)  # no process to watch: the timeout catches it
+    with pytest.raises(BridgeError, match="did not answer 'ping' within 1 s"):
+        orphan.ping()
+
+
+def test_config_validation_names_the_setting():
+    for kwargs, message in [
+        (dict(link_rate_bps="fast"), "link_rate must be"),
+        (dict(link_delay_s="-1ms"), "link_delay must be >= 0"),
+        (dict(queue_packets=0), "queue_packets must be an integer >= 1"),
+        (dict(error_model="gauss"), "error_model must be one of"),
+        (dict(topology="ring"), "topology must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            NetworkConfig(**kwargs)
+    assert NetworkConfig(link_rate_bps="25Gbps", link_delay_s="5us").link_rate_bps == 25e9
+
+
+# ---------------------------------------------------------------- training over ns-3
+
+
+def test_fit_over_ns3_on_two_processes(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import digits_model, fit, steps_per_epoch
+
+    model, dm = digits_model()
+    network = Ns3Network(loss_rate=0.1, link_rate="1Gbps", seed=0)
+    strategy = LossyPSStrategy(network=network, start_method="fork", record_trace=str(tmp_path / "trace.npz"))
+    trainer = fit(strategy, model, dm, max_epochs=2, logger=CSVLogger(tmp_path, name="m"), log_every_n_steps=1)
+    assert float(trainer.callback_metrics["val_acc"]) > 0.8
+    with np.load(tmp_path / "trace.npz") as z:
+        assert len(z["rounds"]) == 2 * steps_per_epoch(dm) and z["up_time_s"].min() > 0
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")) if r.get("net/delivered_up")]
+    delivered = np.mean([float(r["net/delivered_up"]) for r in rows])
+    assert delivered == pytest.approx(0.9, abs=0.03)
+    drops = sum(float(r["net/drops_link_error"]) for r in rows)
+    assert drops > 0 and all(float(r["net/drops_queue"]) == 0 for r in rows)
+
+
+class _KillBridge:
+    """On rank 0, SIGKILLs the bridge process after a few rounds."""
+
+    def __init__(self, after_rounds=5):
+        import pytorch_lightning as pl
+
+        class Callback(pl.Callback):
+            def on_train_batch_end(cb, trainer, *args):
+                net = trainer.strategy.network
+                if trainer.is_global_zero and trainer.strategy.round == after_rounds and net.bridge_pid:
+                    os.kill(net.bridge_pid, signal.SIGKILL)
+
+        self.callback = Callback()
+
+
+def test_killing_the_bridge_mid_fit_fails_the_fit_with_a_clear_error():
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import digits_model, fit
+
+    model, dm = digits_model()
+    strategy = LossyPSStrategy(network=Ns3Network(loss_rate=0.01, timeout_s=30), start_method="fork")
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"ns-3 bridge at ipc://\S+ exited"):
+        fit(strategy, model, dm, max_epochs=3, callbacks=[_KillBridge().callback])
+    assert time.monotonic() - start < 60
