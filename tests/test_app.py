@@ -28,24 +28,27 @@ def test_main_job_writes_summary(tmp_path):
         assert summary[key] is not None, key
     assert summary["steps"] > 0 and 0.9 < summary["delivered_up"] <= 1.0
     assert summary["sim_time_s"] > summary["comm_time_s"] > 0
-    assert summary["config"]["network"]["drop_rate"] == 0.01
+    assert summary["config"]["network"]["_target_"] == "pl_lossy.network.Ns3Network"  # ns-3 is the default
+    assert summary["network"].startswith("ns-3 star")
     assert summary["val_acc"] > 0.6
     assert "summary: val_acc=" in proc.stdout
     metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
-    assert "net/sim_time_s" in metrics and "net/delivered_up" in metrics
+    assert "net/sim_time_s" in metrics and "net/delivered_up" in metrics and "net/drops_link_error" in metrics
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("network.drop_rate=1.5", "invalid `network` config: drop_rate must be a probability in [0, 1], got 1.5"),
+        ("network.loss_rate=1.5", "invalid `network` config: loss_rate must be a probability in [0, 1], got 1.5"),
+        ("network.link_rate=fast", "invalid `network` config: link_rate must be a number of bits/s or like '10Gbps'"),
+        ("network=bernoulli network.drop_rate=-1", "invalid `network` config: drop_rate must be a probability in [0, 1], got -1.0"),
         ("data=cifar10", "invalid `data` config: Missing mandatory value: data.data_dir"),
         ("strategy.num_servers=3", "num_servers=3 co-located servers need at least as many workers; there are 2"),
         ("trainer.devices=0", "invalid `trainer` config"),
     ],
 )
 def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, override, message):
-    proc = run_app(tmp_path, override)
+    proc = run_app(tmp_path, *override.split())
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1]
@@ -54,12 +57,12 @@ def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, over
 
 
 def test_multirun_sweep_writes_one_summary_per_run(tmp_path):
-    proc = run_app(tmp_path, "network.drop_rate=0,0.2", "trainer.max_epochs=1", multirun=True, timeout=600)
+    proc = run_app(tmp_path, "network.loss_rate=0,0.2", "trainer.max_epochs=1", multirun=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
     assert len(summaries) == 2
-    rates = sorted(json.loads(p.read_text())["config"]["network"]["drop_rate"] for p in summaries)
-    delivered = {json.loads(p.read_text())["config"]["network"]["drop_rate"]: json.loads(p.read_text())["delivered_up"] for p in summaries}
+    rates = sorted(json.loads(p.read_text())["config"]["network"]["loss_rate"] for p in summaries)
+    delivered = {json.loads(p.read_text())["config"]["network"]["loss_rate"]: json.loads(p.read_text())["delivered_up"] for p in summaries}
     assert rates == [0.0, 0.2]
     assert delivered[0.0] == 1.0 and delivered[0.2] < 0.95
 
