@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .exchange import RPSExchange
-from .network import BernoulliNetwork, NetworkModel, RoundOutcome, RoundSpec, TraceRecorder
+from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class LossyPSStrategy(DDPStrategy):
     local, and the only per-step communication is one all_reduce of the flat model.
 
     Args:
-        network: where each round's outcome comes from (default: ``BernoulliNetwork(drop_rate=0.01)``).
+        network: where each round's outcome comes from (default: ``Ns3Network(loss_rate=0.01)``, a
+            packet-level ns-3 simulation of a 10 Gb/s star, started by rank 0 on the first round).
         packet_bytes: payload bytes per packet (fp32 elements: ``packet_bytes / 4`` per packet at most).
         num_servers: parameter servers; default one per worker.
         colocated_servers: server j runs on worker j (the paper's setting). If False the servers are
@@ -128,7 +129,7 @@ class LossyPSStrategy(DDPStrategy):
             raise ValueError(f"compute_time_s must be >= 0 or None (measured), got {compute_time_s}")
         if divergence_every < 0:
             raise ValueError(f"divergence_every must be >= 0, got {divergence_every}")
-        self.network = network if network is not None else BernoulliNetwork(drop_rate=0.01)
+        self.network = network if network is not None else Ns3Network(loss_rate=0.01)
         if record_trace:
             self.network = TraceRecorder(self.network, record_trace)
         self.packet_bytes = int(packet_bytes)

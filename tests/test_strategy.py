@@ -8,7 +8,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from pl_lossy import BernoulliNetwork, LossyPSStrategy, ReliableNetwork, TraceNetwork
+from pl_lossy import BernoulliNetwork, LossyPSStrategy, Ns3Network, ReliableNetwork, TraceNetwork
 
 from fits import RecordingLossyPS, SaveReplicas, digits_model, fit, flat_params, load_rounds, steps_per_epoch, trace_masks
 
@@ -185,7 +185,7 @@ def test_registered_names_build_the_strategy():
         trainer = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
         assert isinstance(trainer.strategy, LossyPSStrategy)
         assert trainer.strategy._start_method == method
-        assert isinstance(trainer.strategy.network, BernoulliNetwork)
+        assert isinstance(trainer.strategy.network, Ns3Network)  # the packet-level simulation by default
 
 
 @pytest.mark.slow
