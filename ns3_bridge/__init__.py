@@ -1,5 +1,9 @@
-"""The ns-3 side of pl-lossy: a ZeroMQ service that simulates rounds packet by packet.
+"""The ns-3 side of pl-lossy: a ZeroMQ service that simulates RPS rounds packet by packet.
 
-Not built yet: this package will hold the protocol, the client, the server and the ns-3 topologies
-(see the ns-3 issue). Until then the networks in :mod:`pl_lossy.network` are analytic.
+- :mod:`ns3_bridge.protocol`: the versioned wire format (JSON headers, raw frames).
+- :mod:`ns3_bridge.client`: :class:`~ns3_bridge.client.BridgeClient`, timeouts and clear errors.
+- :mod:`ns3_bridge.server`: ``python -m ns3_bridge.server --endpoint ipc:///tmp/bridge.ipc``.
+- :mod:`ns3_bridge.sim`: settings, the ns-3 loader, topologies and the C++ round engine.
+
+Only the simulation process imports ns-3.
 """

@@ -109,6 +109,15 @@ def test_gilbert_elliott_gives_bursts_with_the_configured_mean(bridge):
     assert _runs([iid.up[0, 1], iid.up[1, 0]]).mean() < 1.2
 
 
+def test_burst_error_model_matches_its_mean_loss(bridge):
+    config = NetworkConfig(error_model="burst", burst_rate=0.005, burst_packets=8, seed=5)
+    shapes = [RoundShape(r, 2, 2, 20000, 200) for r in range(2)]
+    rows = [m for out in simulate(bridge, config, shapes) for m in (out.up[0, 1], out.up[1, 0], out.down[0, 1], out.down[1, 0])]
+    lost = np.mean([(~r).mean() for r in rows])
+    assert lost == pytest.approx(config.mean_loss_rate, rel=0.15)  # ~3.9%
+    assert _runs(rows).mean() > 5  # losses come in bursts
+
+
 def test_malformed_messages_get_error_replies_and_the_bridge_keeps_serving(bridge):
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
@@ -247,3 +256,15 @@ def test_killing_the_bridge_mid_fit_fails_the_fit_with_a_clear_error():
     with pytest.raises(Exception, match=r"ns-3 bridge at ipc://\S+ exited"):
         fit(strategy, model, dm, max_epochs=3, callbacks=[_KillBridge().callback])
     assert time.monotonic() - start < 60
+
+
+def test_missing_ns3_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    from ns3_bridge.sim import loader
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(loader.Ns3Unavailable, match="pip install ns3"):
+        loader._ns3_prefix()
+    with pytest.raises(loader.Ns3Unavailable, match="'no-such-dist' package is missing"):
+        loader._version("no-such-dist")

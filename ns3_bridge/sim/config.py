@@ -71,7 +71,7 @@ class NetworkConfig:
     error_model: str = "rate"
     loss_rate: float = 0.0
     burst_rate: float = 0.0  # error_model=burst: probability that a burst starts at a packet
-    burst_packets: int = 10  # error_model=burst: mean burst length (uniform 1..2*mean-1)
+    burst_packets: int = 10  # error_model=burst: mean burst length (uniform on 1..2*burst_packets-1)
     ge_p_good_to_bad: float = 0.001
     ge_p_bad_to_good: float = 0.1
     ge_loss_good: float = 0.0
@@ -107,9 +107,11 @@ class NetworkConfig:
         if self.error_model == "rate":
             return self.loss_rate
         if self.error_model == "burst":
-            # a burst starts with probability b at a packet outside a burst and lasts L packets
-            b, length = self.burst_rate, self.burst_packets
-            return b * length / (1 + b * (length - 1)) if b > 0 else 0.0
+            # ns-3's BurstErrorModel: at every packet a new burst starts with probability b (this packet
+            # is lost and the count restarts); otherwise the packet is lost while the current burst of
+            # size S (uniform on 1..M) has not run out. P(lost) = b + (1-b) sum_k b(1-b)^(k-1) P(S > k).
+            b, m = self.burst_rate, 2 * self.burst_packets - 1
+            return b + (1 - b) * sum(b * (1 - b) ** (k - 1) * (m - k) / m for k in range(1, m))
         pi_bad = self.ge_p_good_to_bad / (self.ge_p_good_to_bad + self.ge_p_bad_to_good)
         return pi_bad * self.ge_loss_bad + (1 - pi_bad) * self.ge_loss_good
 

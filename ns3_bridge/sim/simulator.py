@@ -60,11 +60,15 @@ class RoundSimulator:
             em.SetAttribute("ErrorUnit", ns.StringValue("ERROR_UNIT_PACKET"))
         elif cfg.error_model == "burst":
             em = ns.CreateObject[ns.BurstErrorModel]()
-            em.SetAttribute("BurstRate", ns.DoubleValue(cfg.burst_rate))
-            em.SetAttribute(
-                "BurstSize",
-                ns.StringValue(f"ns3::UniformRandomVariable[Min=1|Max={2 * cfg.burst_packets}]"),
-            )
+            em.SetBurstRate(cfg.burst_rate)
+            start, size = ns.CreateObject[ns.UniformRandomVariable](), ns.CreateObject[ns.UniformRandomVariable]()
+            size.SetAttribute("Min", ns.DoubleValue(1))
+            size.SetAttribute("Max", ns.DoubleValue(2 * cfg.burst_packets - 1))
+            em.SetRandomVariable(start)
+            em.SetRandomBurstSize(size)
+            # BurstErrorModel.AssignStreams gives both variables the same stream (identical draws):
+            # keep our own handles and give them streams of their own each round
+            em.streams = (start, size)
         else:
             em = ns.CreateObject[ns.cppyy.gbl.pl_lossy.GilbertElliottErrorModel]()
             em.SetParameters(cfg.ge_p_good_to_bad, cfg.ge_p_bad_to_good, cfg.ge_loss_good, cfg.ge_loss_bad)
@@ -75,7 +79,11 @@ class RoundSimulator:
         ns.RngSeedManager.SetSeed(self.config.seed + 1)  # ns-3 seeds must be > 0
         ns.RngSeedManager.SetRun(round_index)
         for h, em in enumerate(self.error_models):
-            em.AssignStreams(16 * h)  # fresh streams under this round's run
+            # fresh streams under this round's run
+            for k, variable in enumerate(getattr(em, "streams", ())):
+                variable.SetStream(16 * h + k)
+            if not hasattr(em, "streams"):
+                em.AssignStreams(16 * h)
             em.Reset()
         self.engine.ResetCounters()
 
