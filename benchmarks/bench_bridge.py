@@ -1,13 +1,14 @@
 """ns-3 round simulation speed in-process and through the bridge, and the simulator's memory.
 
-    python benchmarks/bench_bridge.py                       # 4 workers, 84,000 packets a round, 5 rounds each
-    python benchmarks/bench_bridge.py --workers 8 --packets-per-block 1000 --rounds 3
+    python benchmarks/bench_bridge.py                  # 4 training workers, 84,000 packets a round, 6 rounds
+    python benchmarks/bench_bridge.py --workers 8 --packets-per-block 1000 --rounds 8 --sim-workers 2
 
-Both sides simulate the same rounds (different round indices, so the bridge's cache never answers)
-with the same settings, one after the other in this run: first a RoundSimulator in this process,
-then a bridge server started as a subprocess (ZeroMQ request/reply, its own simulation child).
-The ratio is bridge throughput / in-process throughput. Memory is the simulation process's peak
-resident set (VmHWM) as the kernel reports it.
+Three ways, one after the other in this run, on the same rounds (round indices the bridge has not
+cached) with the same settings: a RoundSimulator in this process; a bridge server subprocess with one
+simulation worker, one round per request; the same with a pool of --sim-workers simulation processes,
+all rounds in one request. Ratios: bridge / in-process (what ZeroMQ and the process hop cost) and
+pool / one worker (how the pool scales). Memory is each simulation process's peak resident set
+(VmHWM) as the kernel reports it.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--packets-per-block", type=int, default=3500)
     p.add_argument("--packet-bytes", type=int, default=1400)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--loss-rate", type=float, default=0.01)
+    p.add_argument("--sim-workers", type=int, default=os.cpu_count(), help="simulation processes of the pool (default: cores)")
     args = p.parse_args()
-    config = NetworkConfig(loss_rate=args.loss_rate)
+    config = Bridge.config = NetworkConfig(loss_rate=args.loss_rate)
     W = args.workers
     shapes = [RoundShape(r, W, W, args.packets_per_block, args.packet_bytes) for r in range(1, args.rounds + 1)]
     packets = 2 * W * (W - 1) * args.packets_per_block
-    print(f"{W} workers, co-located servers, {packets:,} packets a round ({args.packet_bytes} B), {args.rounds} rounds; "
+    print(f"{W} training workers, co-located servers, {packets:,} packets a round ({args.packet_bytes} B), {args.rounds} rounds; "
           f"{os.cpu_count()} cores")
 
     from ns3_bridge.sim.simulator import RoundSimulator
@@ -62,31 +64,57 @@ def main() -> None:
     print(f"in-process: {rate_local:,.0f} packets/s  ({t_local / args.rounds * 1e3:.0f} ms a round); "
           f"peak RSS {peak_rss_mib(os.getpid()):.0f} MiB (this process, ns-3 loaded)")
 
-    endpoint = f"ipc://{tempfile.gettempdir()}/bench-bridge-{os.getpid()}.ipc"
-    server = subprocess.Popen([sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint,
-                               "--parent-pid", str(os.getpid())])
-    try:
-        client = BridgeClient(endpoint, timeout_s=600, alive=lambda: server.poll() is None)
-        client.ping(timeout_s=300)
-        client.configure(config, timeout_s=300)
+    with Bridge(1) as client:
         client.outcomes([RoundShape(0, W, W, args.packets_per_block, args.packet_bytes)])  # warm-up
         t0 = time.perf_counter()
         remote = [client.outcomes([s])[0] for s in shapes]
         t_bridge = time.perf_counter() - t0
         rate_bridge = sent / t_bridge
-        sim_pid = client.ping()["simulator_pid"]
-        sim_rss = peak_rss_mib(sim_pid)
-        server_rss = peak_rss_mib(server.pid)
+        sim_rss = peak_rss_mib(client.ping()["simulator_pids"][0])
         same = all((a.up == b.up).all() and (a.down == b.down).all() for a, b in zip(local, remote))
-        print(f"bridge:     {rate_bridge:,.0f} packets/s  ({t_bridge / args.rounds * 1e3:.0f} ms a round); "
-              f"simulation process peak RSS {sim_rss:.0f} MiB, server {server_rss:.0f} MiB")
-        print(f"ratio bridge / in-process: {rate_bridge / rate_local:.3f}   (same masks both ways: {same})")
-        client.shutdown()
-        server.wait(20)
-    finally:
-        if server.poll() is None:
-            server.kill()
+        print(f"bridge, 1 simulation worker: {rate_bridge:,.0f} packets/s  ({t_bridge / args.rounds * 1e3:.0f} ms a round); "
+              f"simulation process peak RSS {sim_rss:.0f} MiB")
+    print(f"ratio bridge / in-process: {rate_bridge / rate_local:.3f}   (same masks both ways: {same})")
 
+    K = args.sim_workers
+    with Bridge(K) as client:
+        client.outcomes([RoundShape(0, W, W, args.packets_per_block, args.packet_bytes)])  # warm-up
+        t0 = time.perf_counter()
+        pooled = client.outcomes(shapes)  # one request: the pool simulates K rounds at a time
+        t_pool = time.perf_counter() - t0
+        rate_pool = sent / t_pool
+        rss = [peak_rss_mib(pid) for pid in client.ping()["simulator_pids"]]
+        same_pool = all((a.up == b.up).all() and (a.down == b.down).all() for a, b in zip(local, pooled))
+        print(f"bridge, {K} simulation workers: {rate_pool:,.0f} packets/s; peak RSS per simulation process "
+              f"{', '.join(f'{r:.0f}' for r in rss)} MiB")
+    print(f"ratio {K} workers / 1 worker: {rate_pool / rate_bridge:.2f}  (target >= {0.8 * K:.1f}; "
+          f"same masks as in-process: {same_pool})")
+
+
+class Bridge:
+    """A bridge server subprocess with K simulation workers, configured, for a with-block."""
+
+    def __init__(self, workers: int, config: NetworkConfig | None = None) -> None:
+        self.workers = workers
+        self.config = config or Bridge.config
+
+    def __enter__(self) -> BridgeClient:
+        endpoint = f"ipc://{tempfile.gettempdir()}/bench-bridge-{os.getpid()}-{self.workers}.ipc"
+        self.server = subprocess.Popen([sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint,
+                                        "--workers", str(self.workers), "--parent-pid", str(os.getpid())],
+                                       stdout=subprocess.DEVNULL)
+        self.client = BridgeClient(endpoint, timeout_s=600, alive=lambda: self.server.poll() is None)
+        self.client.ping(timeout_s=300)
+        self.client.configure(self.config, timeout_s=300)
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.client.shutdown()
+            self.server.wait(20)
+        finally:
+            if self.server.poll() is None:
+                self.server.kill()
 
 if __name__ == "__main__":
     main()

@@ -82,6 +82,13 @@ class BridgeClient:
         except protocol.ProtocolError as exc:
             raise BridgeError(f"the ns-3 bridge at {self.endpoint} sent a malformed outcome: {exc}") from None
 
+    def prefetch(self, shapes: list[RoundShape], timeout_s: Optional[float] = None) -> int:
+        """Ask the bridge to simulate these rounds in the background; returns how many it queued."""
+        header, _ = self.request(
+            {"type": "prefetch", "rounds": [protocol.shape_to_dict(s) for s in shapes]}, timeout_s=timeout_s
+        )
+        return int(header.get("queued", 0))
+
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self.request({"type": "shutdown"}, timeout_s=timeout_s)
 

@@ -4,11 +4,14 @@ A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON object with ``"
 version) and ``"type"``; any further frames are raw bytes described by the header.
 
 Requests                                          Replies
-``ping``                                          ``pong`` {pid, configured}
+``ping``                                          ``pong`` {pid, configured, workers, simulator_pids,
+                                                  simulator_restarts, queued, cached}
 ``configure`` {network: NetworkConfig fields}     ``ok``
 ``outcome`` {rounds: [shape, ...]}                ``outcome`` {rounds: [{round, up_time_s, down_time_s,
                                                   stats}, ...]} + 2 frames per round: the packed bits
                                                   (numpy.packbits, C order) of ``up`` [W,S,P] and ``down`` [S,W,P]
+``prefetch`` {rounds: [shape, ...]}                ``ok`` {queued}: simulated in the background, kept
+                                                  for a later ``outcome`` (run-ahead)
 ``shutdown``                                      ``ok``
 any malformed or failing request                  ``error`` {message}
 
@@ -26,7 +29,7 @@ import numpy as np
 from .sim.round import RoundShape, SimulatedRound
 
 VERSION = 1
-REQUESTS = ("ping", "configure", "outcome", "shutdown")
+REQUESTS = ("ping", "configure", "outcome", "prefetch", "shutdown")
 MAX_ROUNDS_PER_REQUEST = 4096
 MAX_HOSTS = 4096
 MAX_PACKETS_PER_BLOCK = 10_000_000

@@ -1,10 +1,13 @@
-"""The ns-3 bridge: ``python -m ns3_bridge.server --endpoint ipc:///tmp/bridge.ipc``.
+"""The ns-3 bridge: ``python -m ns3_bridge.server --endpoint ipc:///tmp/bridge.ipc [--workers K]``.
 
-A ZeroMQ REP socket answers the requests of :mod:`ns3_bridge.protocol`; rounds are simulated by a
-supervised child process (:mod:`ns3_bridge.sim.worker`) and cached by round. A malformed request
-gets an error reply and the server keeps serving; a simulator that dies (an ns-3 abort) is restarted
-and its round simulated again once before the error is reported. The server exits on ``shutdown``,
-on SIGINT/SIGTERM, or when the process given by ``--parent-pid`` is gone.
+A ZeroMQ REP socket answers the requests of :mod:`ns3_bridge.protocol`. Rounds are simulated by a
+pool of K supervised child processes (:mod:`ns3_bridge.sim.worker`), each with its own ns-3, and
+cached by round. Rounds are independent, so the pool simulates several at once and ``prefetch``
+queues rounds to simulate ahead of their ``outcome`` request (run-ahead); an ``outcome`` request's
+rounds jump the queue. A malformed request gets an error reply and the server keeps serving; a
+simulator that dies (an ns-3 abort) is restarted and its round simulated again, once, before the
+error is reported. The server exits on ``shutdown``, on SIGINT/SIGTERM, or when the process given by
+``--parent-pid`` is gone.
 """
 
 from __future__ import annotations
@@ -16,155 +19,285 @@ import re
 import signal
 import sys
 import time
-from collections import OrderedDict
-from typing import Any
+from collections import Counter, OrderedDict, deque
+from typing import Any, Optional
 
 import zmq
 
 from . import protocol
 from .sim.config import NetworkConfig
-from .sim.round import RoundShape, SimulatedRound
+from .sim.round import RoundShape
 
 _LOCAL_TCP = re.compile(r"tcp://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):\d+$")
-
-
-class SimulatorDied(RuntimeError):
-    pass
+MAX_ATTEMPTS = 2  # simulations of one round that may die before the round is reported as failed
 
 
 class SimulationProcess:
-    """One supervised simulation child; restarted (and re-configured) when it dies."""
+    """One supervised simulation child, driven without blocking: ``send`` then ``receive`` when ready."""
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.settings: dict[str, Any] | None = None
-        self.restarts = 0  # simulation processes started to replace one that died
-        self._started = False
-        self._proc = None
-        self._conn = None
+    def __init__(self) -> None:
+        self.started = 0
+        self.proc = None
+        self.conn = None
+        self.task: Optional[RoundShape] = None  # the round it is simulating
+        self.task_started = 0.0
 
-    def _start(self) -> None:
+    def start(self, settings: Optional[dict[str, Any]]) -> None:
         from .sim import worker
 
-        if self._started:
-            self.restarts += 1
-        self._started = True
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited sockets or threads
-        self._conn, child_end = ctx.Pipe()
-        self._proc = ctx.Process(target=worker.serve, args=(child_end,), daemon=True, name="ns3-sim")
-        self._proc.start()
+        self.conn, child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=worker.serve, args=(child_end,), daemon=True, name="ns3-sim")
+        self.proc.start()
         child_end.close()
-
-    def _call(self, message: tuple) -> tuple:
-        if self._proc is None or not self._proc.is_alive():
-            self._start()
-            if self.settings is not None and message[0] != "configure":
-                self._call(("configure", self.settings))
-        self._conn.send(message)
-        deadline = time.monotonic() + self.timeout_s
-        while not self._conn.poll(0.2):
-            if not self._proc.is_alive():
-                code = self._proc.exitcode
-                self._proc = None
-                raise SimulatorDied(f"the simulator process died (exit code {code})")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"the simulator took longer than {self.timeout_s:g} s")
-        try:
-            return self._conn.recv()
-        except EOFError:
-            self._proc = None
-            raise SimulatorDied("the simulator process closed its pipe") from None
-
-    def configure(self, settings: dict[str, Any]) -> None:
-        reply = self._call(("configure", settings))
-        if reply[0] != "ok":
-            raise RuntimeError(reply[1])
-        self.settings = settings
-
-    def simulate(self, shape: RoundShape) -> SimulatedRound:
-        for attempt in (1, 2):
-            try:
-                reply = self._call(("simulate", shape))
-                break
-            except SimulatorDied as exc:
-                print(f"ns3_bridge: {exc} during round {shape.round}; restarting it", file=sys.stderr, flush=True)
-                if attempt == 2:
-                    raise RuntimeError(f"{exc} twice while simulating round {shape.round}") from None
-        if reply[0] != "round":
-            raise RuntimeError(reply[1])
-        return reply[1]
+        self.started += 1
+        self.task = None
+        if settings is not None:
+            self.conn.send(("configure", settings))  # its reply is read before the next task is sent
+            self.task = "configure"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.alive else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    @property
+    def idle(self) -> bool:
+        return self.alive and self.task is None
+
+    def send(self, message: tuple, task) -> None:
+        self.conn.send(message)
+        self.task = task
+        self.task_started = time.monotonic()
+
+    def receive(self) -> tuple:
+        try:
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            return ("died", "the simulator process closed its pipe")
+        return reply
+
+    def wait(self, timeout_s: float) -> tuple:
+        """Block until this process answers (used for configure)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.conn.poll(0.2):
+            if not self.alive:
+                return ("died", f"the simulator process died (exit code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                self.stop()
+                return ("error", f"the simulator did not answer within {timeout_s:g} s")
+        return self.receive()
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self.alive:
             try:
-                self._conn.send(("stop",))
-                self._proc.join(2)
+                self.conn.send(("stop",))
+                self.proc.join(2)
             except (OSError, BrokenPipeError):
                 pass
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(2)
-        self._proc = None
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(2)
+        self.proc = None
+        self.task = None
 
 
 class BridgeServer:
-    def __init__(self, sim_timeout_s: float = 3600.0, cache_rounds: int = 1024) -> None:
-        self.sim = SimulationProcess(sim_timeout_s)
-        self.config: NetworkConfig | None = None
-        self.cache: OrderedDict[RoundShape, tuple[dict, list[bytes]]] = OrderedDict()
+    def __init__(self, workers: int = 1, sim_timeout_s: float = 3600.0, cache_rounds: int = 1024,
+                 queue_rounds: int = 256) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        self.sims = [SimulationProcess() for _ in range(workers)]
+        self.sim_timeout_s = sim_timeout_s
         self.cache_rounds = cache_rounds
+        self.queue_rounds = queue_rounds
+        self.config: Optional[NetworkConfig] = None
+        self.cache: OrderedDict[RoundShape, tuple[dict, list[bytes]]] = OrderedDict()
+        self.queue: deque[RoundShape] = deque()
+        self.deaths: Counter[RoundShape] = Counter()
+        self.failed: dict[RoundShape, str] = {}
+        self.waiting: Optional[list[RoundShape]] = None  # the outcome request being answered
         self.stopping = False
 
-    def handle(self, parts: list[bytes]) -> list[bytes]:
-        """One request in, one reply out; never raises."""
+    # ------------------------------------------------------------------ requests
+
+    def handle(self, parts: list[bytes]) -> Optional[list[bytes]]:
+        """A request in; its reply, or None when the reply waits for simulations (see :meth:`pending_reply`)."""
         try:
             header, frames = protocol.decode(parts)
             kind = header["type"]
             if kind == "ping":
-                return protocol.encode({"type": "pong", "pid": os.getpid(), "configured": self.config is not None,
-                                        "simulator_pid": self.sim.pid, "simulator_restarts": self.sim.restarts})
+                return protocol.encode({
+                    "type": "pong",
+                    "pid": os.getpid(),
+                    "configured": self.config is not None,
+                    "workers": len(self.sims),
+                    "simulator_pids": [s.pid for s in self.sims],
+                    "simulator_restarts": sum(max(0, s.started - 1) for s in self.sims),
+                    "queued": len(self.queue),
+                    "cached": len(self.cache),
+                })
             if kind == "configure":
                 return self._configure(header)
             if kind == "outcome":
                 return self._outcome(header)
+            if kind == "prefetch":
+                return self._prefetch(header)
             if kind == "shutdown":
                 self.stopping = True
                 return protocol.encode({"type": "ok"})
             raise protocol.ProtocolError(f"unknown request type {kind!r}; expected one of {protocol.REQUESTS}")
         except Exception as exc:  # noqa: BLE001  (every failure becomes an error reply)
-            return protocol.encode({"type": "error", "message": f"{type(exc).__name__}: {exc}" if not isinstance(exc, (protocol.ProtocolError, ValueError)) else str(exc)})
+            return self._error(exc)
+
+    @staticmethod
+    def _error(exc: BaseException | str) -> list[bytes]:
+        if isinstance(exc, str):
+            message = exc
+        elif isinstance(exc, (protocol.ProtocolError, ValueError)):
+            message = str(exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+        return protocol.encode({"type": "error", "message": message})
 
     def _configure(self, header: dict[str, Any]) -> list[bytes]:
         settings = header.get("network")
         if not isinstance(settings, dict):
             raise protocol.ProtocolError("'configure' needs a 'network' object")
         config = NetworkConfig.from_dict(settings)
-        if config != self.config:
-            self.sim.configure(config.to_dict())
-            self.config = config
-            self.cache.clear()
+        if config == self.config and all(s.alive for s in self.sims):
+            return protocol.encode({"type": "ok"})
+        for sim in self.sims:  # rounds of the old settings are of no use: start every process afresh
+            sim.stop()
+        self.queue.clear()
+        self.cache.clear()
+        self.deaths.clear()
+        self.failed.clear()
+        self.config = None
+        for sim in self.sims:
+            sim.start(config.to_dict())
+        for sim in self.sims:
+            reply = sim.wait(self.sim_timeout_s)
+            sim.task = None
+            if reply[0] != "ok":
+                for other in self.sims:
+                    other.stop()
+                raise RuntimeError(f"configuring the simulator failed: {reply[1]}")
+        self.config = config
         return protocol.encode({"type": "ok"})
 
-    def _outcome(self, header: dict[str, Any]) -> list[bytes]:
+    def _require_config(self) -> None:
         if self.config is None:
             raise protocol.ProtocolError("the bridge is not configured: send 'configure' first")
+
+    def _known(self, shape: RoundShape) -> bool:
+        return shape in self.cache or shape in self.queue or any(s.task == shape for s in self.sims)
+
+    def _prefetch(self, header: dict[str, Any]) -> list[bytes]:
+        self._require_config()
+        queued = 0
+        for shape in protocol.parse_rounds(header):
+            if len(self.queue) >= self.queue_rounds:
+                break
+            if not self._known(shape):
+                self.queue.append(shape)
+                queued += 1
+        return protocol.encode({"type": "ok", "queued": queued})
+
+    def _outcome(self, header: dict[str, Any]) -> Optional[list[bytes]]:
+        self._require_config()
         shapes = protocol.parse_rounds(header)
+        for shape in reversed(shapes):  # the rounds asked for now go first, in request order
+            if shape in self.cache or any(s.task == shape for s in self.sims):
+                continue
+            if shape in self.queue:
+                self.queue.remove(shape)
+            self.queue.appendleft(shape)
+        self.waiting = shapes
+        return self.pending_reply()
+
+    def pending_reply(self) -> Optional[list[bytes]]:
+        """The reply to the waiting outcome request once all its rounds are done (or one failed)."""
+        if self.waiting is None:
+            return None
+        for shape in self.waiting:
+            if shape in self.failed:
+                self.waiting = None
+                return self._error(self.failed.pop(shape))
+        if not all(shape in self.cache for shape in self.waiting):
+            return None
         metas, frames = [], []
-        for shape in shapes:
-            if shape not in self.cache:
-                self.cache[shape] = protocol.encode_round(self.sim.simulate(shape), shape.round)
-                while len(self.cache) > self.cache_rounds:
-                    self.cache.popitem(last=False)
+        for shape in self.waiting:
             self.cache.move_to_end(shape)
             meta, masks = self.cache[shape]
             metas.append(meta)
             frames.extend(masks)
+        self.waiting = None
         return protocol.encode({"type": "outcome", "rounds": metas}, frames)
+
+    # ------------------------------------------------------------------ the pool
+
+    def dispatch(self) -> None:
+        for sim in self.sims:
+            if not self.queue:
+                return
+            if sim.proc is not None and not sim.alive:
+                continue  # reaped in check(); restarted there
+            if sim.idle:
+                shape = self.queue.popleft()
+                sim.send(("simulate", shape), shape)
+
+    def collect(self, sim: SimulationProcess) -> None:
+        reply = sim.receive()
+        task, sim.task = sim.task, None
+        if reply[0] == "died":
+            sim.task = task
+            self._reap(sim, reply[1])
+        elif task == "configure":
+            if reply[0] != "ok":
+                print(f"ns3_bridge: a restarted simulator failed to configure: {reply[1]}", file=sys.stderr, flush=True)
+        elif reply[0] == "round":
+            self.cache[task] = protocol.encode_round(reply[1], task.round)
+            while len(self.cache) > self.cache_rounds:
+                self.cache.popitem(last=False)
+        else:
+            self.failed[task] = reply[1]
+
+    def _reap(self, sim: SimulationProcess, why: str) -> None:
+        task = sim.task
+        code = sim.proc.exitcode if sim.proc is not None else None
+        sim.stop()
+        if isinstance(task, RoundShape):
+            self.deaths[task] += 1
+            print(f"ns3_bridge: {why} (exit code {code}) while simulating round {task.round}; restarting it",
+                  file=sys.stderr, flush=True)
+            if self.deaths[task] >= MAX_ATTEMPTS:
+                self.failed[task] = f"the simulator died {self.deaths[task]} times while simulating round {task.round} (exit code {code})"
+            else:
+                self.queue.appendleft(task)
+        if self.config is not None:
+            sim.start(self.config.to_dict())
+
+    def check(self) -> None:
+        """Restart dead simulators (re-queueing their round) and stop ones past the time limit."""
+        now = time.monotonic()
+        for sim in self.sims:
+            if sim.proc is None:
+                continue
+            if not sim.alive:
+                self._reap(sim, "the simulator process died")
+            elif isinstance(sim.task, RoundShape) and now - sim.task_started > self.sim_timeout_s:
+                task = sim.task
+                sim.stop()
+                self.failed[task] = f"round {task.round} took longer than {self.sim_timeout_s:g} s to simulate"
+                sim.start(self.config.to_dict() if self.config else None)
+
+    def stop(self) -> None:
+        for sim in self.sims:
+            sim.stop()
 
 
 def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
@@ -176,18 +309,48 @@ def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
     )
 
 
+def serve(server: BridgeServer, sock: zmq.Socket, parent_pid: Optional[int]) -> None:
+    while not server.stopping:
+        if parent_pid is not None and not _alive(parent_pid):
+            print(f"ns3_bridge: parent {parent_pid} is gone; exiting", file=sys.stderr, flush=True)
+            return
+        poller = zmq.Poller()
+        if server.waiting is None:  # REP: the next request only after the current reply
+            poller.register(sock, zmq.POLLIN)
+        busy = {sim.conn.fileno(): sim for sim in server.sims if sim.alive and sim.task is not None}
+        for fd in busy:
+            poller.register(fd, zmq.POLLIN)
+        events = dict(poller.poll(200))
+        for fd, sim in busy.items():
+            if fd in events:
+                server.collect(sim)
+        server.check()
+        if sock in events:
+            reply = server.handle(sock.recv_multipart())
+            if reply is not None:
+                sock.send_multipart(reply)
+        server.dispatch()
+        reply = server.pending_reply()
+        if reply is not None:
+            sock.send_multipart(reply)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ns3_bridge.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--endpoint", default=f"ipc:///tmp/pl-lossy-bridge-{os.getpid()}.ipc",
                    help="ZeroMQ endpoint to bind (ipc://PATH or tcp://127.0.0.1:PORT)")
+    p.add_argument("--workers", type=int, default=1, help="simulation processes (rounds simulated at once)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--sim-timeout-s", type=float, default=3600.0, help="longest a single round may simulate")
     p.add_argument("--cache-rounds", type=int, default=1024, help="outcomes kept for repeated requests")
+    p.add_argument("--queue-rounds", type=int, default=256, help="most rounds queued by prefetch")
     p.add_argument("--allow-remote", action="store_true", help="allow binding non-loopback tcp addresses")
     args = p.parse_args(argv)
     _check_endpoint(args.endpoint, args.allow_remote)
+    if args.workers < 1:
+        raise SystemExit(f"error: --workers must be >= 1, got {args.workers}")
 
-    server = BridgeServer(args.sim_timeout_s, args.cache_rounds)
+    server = BridgeServer(args.workers, args.sim_timeout_s, args.cache_rounds, args.queue_rounds)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "stopping", True))
     ctx = zmq.Context()
@@ -197,16 +360,11 @@ def main(argv: list[str] | None = None) -> None:
         sock.bind(args.endpoint)
     except zmq.ZMQError as exc:
         raise SystemExit(f"error: cannot bind {args.endpoint}: {exc}") from None
-    print(f"ns3_bridge: serving on {args.endpoint} (pid {os.getpid()})", flush=True)
+    print(f"ns3_bridge: serving on {args.endpoint} (pid {os.getpid()}, {args.workers} simulation workers)", flush=True)
     try:
-        while not server.stopping:
-            if args.parent_pid is not None and not _alive(args.parent_pid):
-                print(f"ns3_bridge: parent {args.parent_pid} is gone; exiting", file=sys.stderr, flush=True)
-                break
-            if sock.poll(500):
-                sock.send_multipart(server.handle(sock.recv_multipart()))
+        serve(server, sock, args.parent_pid)
     finally:
-        server.sim.stop()
+        server.stop()
         sock.close(0)
         ctx.term()
         if args.endpoint.startswith("ipc://"):

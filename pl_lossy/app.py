@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.multiprocessing import ProcessRaisedException
 
 from .callbacks import RunSummary
 from .strategy import LossyPSStrategy
@@ -82,6 +83,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except ProcessRaisedException as exc:  # a training process failed; its traceback was printed above
+        last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
+        print(f"error: training failed: {last}", file=sys.stderr)
+        sys.exit(1)
     if result is not None:
         keys = ("val_acc", "steps", "delivered_up", "delivered_down", "sim_time_s", "comm_time_s", "wall_time_s")
         line = ", ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys)

@@ -12,10 +12,11 @@ from ns3_bridge.client import BridgeClient
 
 
 class RunningBridge:
-    def __init__(self, tmp_dir):
+    def __init__(self, tmp_dir, workers=1):
         self.endpoint = f"ipc://{tmp_dir}/bridge-{uuid.uuid4().hex[:8]}.ipc"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ns3_bridge.server", "--endpoint", self.endpoint, "--parent-pid", str(os.getpid())],
+            [sys.executable, "-m", "ns3_bridge.server", "--endpoint", self.endpoint, "--parent-pid", str(os.getpid()),
+             "--workers", str(workers)],
             stdin=subprocess.DEVNULL,
         )
         self.client = BridgeClient(self.endpoint, timeout_s=300, alive=lambda: self.process.poll() is None)

@@ -164,7 +164,7 @@ def test_a_killed_simulator_is_restarted_and_its_round_is_unchanged(bridge):
     shapes = [RoundShape(r, 2, 2, 300, 500) for r in (0, 1)]
     before = simulate(bridge, config, shapes[:1])[0]
     pong = bridge.client.ping()
-    os.kill(pong["simulator_pid"], signal.SIGKILL)
+    os.kill(pong["simulator_pids"][0], signal.SIGKILL)
     time.sleep(0.2)
     after = bridge.client.outcomes(shapes)  # round 1 needs the (restarted) simulator
     assert np.array_equal(after[0].up, before.up)

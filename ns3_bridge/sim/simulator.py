@@ -25,6 +25,13 @@ class RoundSimulator:
         self.ns = load_ns()
         self._n_hosts: int | None = None
 
+    def warm_up(self) -> None:
+        """Simulate a one-packet round so that cppyy compiles the engine's code paths now, not in round 0.
+
+        Harmless to determinism: every round resets its RNG streams and starts from drained queues.
+        """
+        self.simulate(RoundShape(0, 2, 2, 1, 64))
+
     def close(self) -> None:
         """Destroy this process's simulation (topology, events) so that a new one starts clean."""
         if self._n_hosts is not None:

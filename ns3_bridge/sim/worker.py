@@ -33,6 +33,7 @@ def serve(conn: Connection) -> None:
                 if simulator is not None:
                     simulator.close()
                 simulator = RoundSimulator(NetworkConfig.from_dict(message[1]))
+                simulator.warm_up()
                 conn.send(("ok",))
             elif kind == "simulate":
                 if simulator is None:

@@ -30,6 +30,11 @@ class Ns3Network(NetworkModel):
     ``queue_packets`` (switch buffer per port), ``queue_disc`` (``none``/``fifo``), ``error_model``
     (``rate``/``burst``/``gilbert_elliott``) and its parameters, ``seed``. ``timeout_s`` bounds every
     request; ``startup_timeout_s`` the bridge's start (which may build ns-3's precompiled header once).
+
+    Speed (outcomes are identical either way): ``sim_workers`` simulation processes in the bridge it
+    starts (rounds are independent, so K processes simulate K rounds at once); ``run_ahead=k`` queues
+    rounds r+1..r+k whenever round r is asked for, so the bridge simulates them while training
+    computes. The bridge keeps at most 1,024 outcomes and queues at most 256 rounds.
     """
 
     same_on_every_rank = False
@@ -53,6 +58,8 @@ class Ns3Network(NetworkModel):
         endpoint: Optional[str] = None,
         timeout_s: float = 120.0,
         startup_timeout_s: float = 300.0,
+        sim_workers: int = 1,
+        run_ahead: int = 0,
     ) -> None:
         self.config = NetworkConfig(
             topology=topology,
@@ -72,6 +79,15 @@ class Ns3Network(NetworkModel):
         )
         if not timeout_s > 0 or not startup_timeout_s > 0:
             raise ValueError(f"timeout_s and startup_timeout_s must be > 0, got {timeout_s}, {startup_timeout_s}")
+        if int(sim_workers) != sim_workers or sim_workers < 1:
+            raise ValueError(f"sim_workers must be an integer >= 1, got {sim_workers!r}")
+        if int(run_ahead) != run_ahead or run_ahead < 0:
+            raise ValueError(f"run_ahead must be an integer >= 0, got {run_ahead!r}")
+        if endpoint is not None and sim_workers != 1:
+            raise ValueError("sim_workers applies to the bridge Ns3Network starts; start yours with --workers")
+        self.sim_workers = int(sim_workers)
+        self.run_ahead = int(run_ahead)
+        self._ahead_until = -1  # the last round already asked for in advance
         self.endpoint = endpoint
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
@@ -92,7 +108,8 @@ class Ns3Network(NetworkModel):
         if endpoint is None:
             endpoint = f"ipc://{tempfile.gettempdir()}/pl-lossy-{os.getpid()}-{uuid.uuid4().hex[:8]}.ipc"
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint, "--parent-pid", str(os.getpid())],
+                [sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint, "--parent-pid", str(os.getpid()),
+                 "--workers", str(self.sim_workers)],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop the bridge in close()
             )
@@ -113,14 +130,24 @@ class Ns3Network(NetworkModel):
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         if spec.transport != "udp":
             raise ValueError(f"Ns3Network simulates transport 'udp' only so far, got {spec.transport!r}")
-        shape = RoundShape(
-            spec.round, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes, spec.colocated_servers
-        )
-        (result,) = self._connect().outcomes([shape])
+        client = self._connect()
+        if self.run_ahead:
+            # queue rounds r+1..r+run_ahead first: the pool simulates them while training computes
+            ahead = range(max(spec.round + 1, self._ahead_until + 1), spec.round + 1 + self.run_ahead)
+            if len(ahead):
+                client.prefetch([self._shape(spec, r) for r in ahead])
+                self._ahead_until = ahead[-1]
+        (result,) = client.outcomes([self._shape(spec, spec.round)])
         return RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
 
+    @staticmethod
+    def _shape(spec: RoundSpec, round_index: int) -> RoundShape:
+        return RoundShape(
+            round_index, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes, spec.colocated_servers
+        )
+
     def prefetch(self, specs: Iterable[RoundSpec]) -> None:
-        """Rounds are simulated on request for now (run-ahead comes with the simulation pool)."""
+        """Run-ahead is driven by :meth:`outcome` (``run_ahead`` rounds past each request)."""
 
     def close(self) -> None:
         client, process = self._client, self._process
