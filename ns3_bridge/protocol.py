@@ -76,8 +76,8 @@ def parse_shape(d: Any) -> RoundShape:
     if unknown:
         raise ProtocolError(f"unknown round fields {unknown}")
     transport = d.get("transport", "udp")
-    if transport != "udp":
-        raise ProtocolError(f"transport {transport!r} is not simulated yet (only 'udp')")
+    if transport not in ("udp", "tcp"):
+        raise ProtocolError(f"round field 'transport' must be 'udp' or 'tcp', got {transport!r}")
     colocated = d.get("colocated_servers", True)
     if not isinstance(colocated, bool):
         raise ProtocolError(f"round field 'colocated_servers' must be true or false, got {colocated!r}")
@@ -86,8 +86,9 @@ def parse_shape(d: Any) -> RoundShape:
         n_workers=_int_field(d, "n_workers", 1, MAX_HOSTS),
         n_servers=_int_field(d, "n_servers", 1, MAX_HOSTS),
         packets_per_block=_int_field(d, "packets_per_block", 1, MAX_PACKETS_PER_BLOCK),
-        packet_bytes=_int_field(d, "packet_bytes", 16, 65_000),
+        packet_bytes=_int_field(d, "packet_bytes", 16, 9_000),  # the links' MTU is 9,216 (jumbo frames)
         colocated_servers=colocated,
+        transport=transport,
     )
     if colocated and shape.n_servers > shape.n_workers:
         raise ProtocolError(f"{shape.n_servers} co-located servers need as many workers, got {shape.n_workers}")
@@ -104,6 +105,7 @@ def shape_to_dict(shape: RoundShape) -> dict[str, Any]:
         "packets_per_block": shape.packets_per_block,
         "packet_bytes": shape.packet_bytes,
         "colocated_servers": shape.colocated_servers,
+        "transport": shape.transport,
     }
 
 

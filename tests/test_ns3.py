@@ -140,7 +140,7 @@ def test_malformed_messages_get_error_replies_and_the_bridge_keeps_serving(bridg
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": -1, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'round' must be in"),
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 3, "packets_per_block": 3, "packet_bytes": 100}]}', "co-located servers need"),
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": "2", "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'n_workers' must be an integer"),
-        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100, "transport": "tcp"}]}', "not simulated yet"),
+        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100, "transport": "quic"}]}', "must be 'udp' or 'tcp'"),
     ]
     for message, expected in bad:
         reply = ask(message)
@@ -268,3 +268,30 @@ def test_missing_ns3_is_one_clear_error(monkeypatch):
         loader._ns3_prefix()
     with pytest.raises(loader.Ns3Unavailable, match="'no-such-dist' package is missing"):
         loader._version("no-such-dist")
+
+
+def test_tcp_delivers_everything_and_is_slower_than_lossy_udp(bridge):
+    config = NetworkConfig(loss_rate=0.02, seed=4)
+    udp_shape = RoundShape(0, 4, 4, 500, 1400)
+    tcp_shape = RoundShape(0, 4, 4, 500, 1400, transport="tcp")
+    udp, tcp = simulate(bridge, config, [udp_shape, tcp_shape])
+    assert tcp.up.all() and tcp.down.all() and tcp.stats["failed_connections"] == 0
+    assert tcp.stats["bytes_received"] == 2 * 12 * 500 * 1400
+    assert tcp.stats["drops_link_error"] > 0  # it met losses and recovered
+    assert not udp.up.all()
+    assert tcp.up_time_s > udp.up_time_s and tcp.down_time_s > udp.down_time_s
+    (lossless,) = simulate(bridge, NetworkConfig(seed=4), [tcp_shape])
+    assert lossless.up.all() and lossless.stats["drops_link_error"] == 0
+
+
+def test_tcp_rounds_are_the_same_in_any_order(bridge, tmp_path):
+    config = NetworkConfig(loss_rate=0.05, seed=8)
+    shapes = [RoundShape(r, 3, 3, 300, 1400, transport="tcp") for r in range(3)]
+    forward = simulate(bridge, config, shapes)
+    other = RunningBridge(tmp_path)
+    try:
+        backward = simulate(other, config, shapes[::-1])[::-1]
+    finally:
+        other.stop()
+    assert [(o.up_time_s, o.down_time_s) for o in forward] == [(o.up_time_s, o.down_time_s) for o in backward]
+    assert forward[0].up_time_s != forward[1].up_time_s  # rounds differ by their losses

@@ -9,6 +9,7 @@ from typing import Any
 TOPOLOGIES = ("star",)
 ERROR_MODELS = ("rate", "burst", "gilbert_elliott")
 QUEUE_DISCS = ("none", "fifo")
+TCP_VARIANTS = {"cubic": "ns3::TcpCubic", "newreno": "ns3::TcpNewReno", "bic": "ns3::TcpBic", "vegas": "ns3::TcpVegas"}
 
 _RATE_UNITS = {"bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
@@ -76,6 +77,10 @@ class NetworkConfig:
     ge_p_bad_to_good: float = 0.1
     ge_loss_good: float = 0.0
     ge_loss_bad: float = 1.0
+    tcp_variant: str = "cubic"  # transport=tcp: congestion control (cubic, newreno, dctcp-free variants)
+    tcp_sack: bool = False  # see the README: SACK on stalled some flows for seconds under loss
+    tcp_min_rto_s: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
+    tcp_conn_timeout_s: float = 3e-3  # SYN retransmission timeout (ns-3's default: 3 s)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +92,14 @@ class NetworkConfig:
             raise ValueError(f"queue_disc must be one of {QUEUE_DISCS}, got {self.queue_disc!r}")
         object.__setattr__(self, "link_rate_bps", parse_rate(self.link_rate_bps))
         object.__setattr__(self, "link_delay_s", parse_time(self.link_delay_s))
+        if self.tcp_variant not in TCP_VARIANTS:
+            raise ValueError(f"tcp_variant must be one of {sorted(TCP_VARIANTS)}, got {self.tcp_variant!r}")
+        if not isinstance(self.tcp_sack, bool):
+            raise ValueError(f"tcp_sack must be true or false, got {self.tcp_sack!r}")
+        object.__setattr__(self, "tcp_min_rto_s", parse_time(self.tcp_min_rto_s, "tcp_min_rto"))
+        object.__setattr__(self, "tcp_conn_timeout_s", parse_time(self.tcp_conn_timeout_s, "tcp_conn_timeout"))
+        if self.tcp_min_rto_s <= 0 or self.tcp_conn_timeout_s <= 0:
+            raise ValueError("tcp_min_rto and tcp_conn_timeout must be > 0")
         if int(self.queue_packets) != self.queue_packets or self.queue_packets < 1:
             raise ValueError(f"queue_packets must be an integer >= 1, got {self.queue_packets!r}")
         if int(self.burst_packets) != self.burst_packets or self.burst_packets < 1:

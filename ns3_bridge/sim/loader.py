@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-_HEADERS = ("gilbert_elliott.hpp", "round_engine.hpp")
+_HEADERS = ("gilbert_elliott.hpp", "round_engine.hpp", "tcp_engine.hpp")
 _ns: ModuleType | None = None
 
 # Macros the wheel's loader defines when the matching library is present (ns3/ns/__init__.py).

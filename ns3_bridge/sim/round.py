@@ -17,6 +17,7 @@ class RoundShape:
     packets_per_block: int
     packet_bytes: int
     colocated_servers: bool = True
+    transport: str = "udp"  # udp: lossy, paced datagrams; tcp: the reliable baseline
 
     @property
     def n_hosts(self) -> int:

@@ -43,7 +43,9 @@ class RoundSimulator:
             return
         ns = self.ns
         self.close()
+        self._tcp_defaults()
         self.star = build_star(ns, self.config, n_hosts)
+        self.tcp = None  # built on the first tcp round
         self.engine = ns.cppyy.gbl.pl_lossy.RoundEngine(PORT)
         for h in range(n_hosts):
             self.engine.AddHost(self.star.hosts.Get(h), self.star.host_addresses[h])
@@ -81,6 +83,37 @@ class RoundSimulator:
             em.SetParameters(cfg.ge_p_good_to_bad, cfg.ge_p_bad_to_good, cfg.ge_loss_good, cfg.ge_loss_bad)
         return em
 
+    def _tcp_defaults(self) -> None:
+        """TCP settings that ns-3 reads when it creates TCP objects: set before the stack is installed."""
+        ns, cfg = self.ns, self.config
+        from .config import TCP_VARIANTS
+
+        ns.Config.SetDefault("ns3::TcpL4Protocol::SocketType", ns.TypeIdValue(ns.TypeId.LookupByName(TCP_VARIANTS[cfg.tcp_variant])))
+        ns.Config.SetDefault("ns3::TcpSocketBase::Sack", ns.BooleanValue(cfg.tcp_sack))
+        ns.Config.SetDefault("ns3::TcpSocketBase::MinRto", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_min_rto_s * 1e9))))
+        ns.Config.SetDefault("ns3::TcpSocket::ConnTimeout", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_conn_timeout_s * 1e9))))
+        ns.Config.SetDefault("ns3::TcpSocket::DelAckCount", ns.UintegerValue(1))  # no 200 ms delayed-ACK stalls
+        # timestamps carry absolute time in ms: RTT samples would depend on where a round falls on the clock
+        ns.Config.SetDefault("ns3::TcpSocketBase::Timestamp", ns.BooleanValue(False))
+        # closed connections must leave TIME_WAIT before the round's events drain (ports are reused)
+        ns.Config.SetDefault("ns3::TcpSocketBase::MaxSegLifetime", ns.DoubleValue(1e-3))
+
+    def _tcp_phase(self, shape: RoundShape, src: list[int], dst: list[int]) -> tuple[np.ndarray, float]:
+        ns = self.ns
+        if self.tcp is None:
+            self.tcp = ns.cppyy.gbl.pl_lossy.TcpRoundEngine(PORT)
+            for h in range(self._n_hosts):
+                self.tcp.AddHost(self.star.hosts.Get(h), self.star.host_addresses[h])
+        ns.Config.SetDefault("ns3::TcpSocket::SegmentSize", ns.UintegerValue(shape.packet_bytes))
+        completion = np.empty(len(src), dtype=np.float64)
+        if not src:
+            return completion, 0.0
+        elapsed = self.tcp.RunPhase(
+            np.asarray(src, dtype=np.int32), np.asarray(dst, dtype=np.int32), len(src),
+            shape.packets_per_block * shape.packet_bytes, completion,
+        )
+        return completion, float(elapsed)
+
     def _start_round(self, round_index: int) -> None:
         ns = self.ns
         ns.RngSeedManager.SetSeed(self.config.seed + 1)  # ns-3 seeds must be > 0
@@ -93,6 +126,8 @@ class RoundSimulator:
                 em.AssignStreams(16 * h)
             em.Reset()
         self.engine.ResetCounters()
+        if getattr(self, "tcp", None) is not None:
+            self.tcp.ResetCounters()
 
     def _phase(self, shape: RoundShape, phase: int, src: list[int], dst: list[int]) -> tuple[np.ndarray, float]:
         arrivals = np.empty((len(src), shape.packets_per_block), dtype=np.int64)
@@ -117,21 +152,23 @@ class RoundSimulator:
         pairs = shape.remote_pairs()
         workers = [i for i, _ in pairs]
         servers = [shape.server_host(j) for _, j in pairs]
-        up_arrivals, up_time = self._phase(shape, PHASE_UP, workers, servers)
-        down_arrivals, down_time = self._phase(shape, PHASE_DOWN, servers, workers)
-
         W, S, P = shape.n_workers, shape.n_servers, shape.packets_per_block
         up = np.ones((W, S, P), dtype=bool)
         down = np.ones((S, W, P), dtype=bool)
-        if pairs:
-            i, j = np.asarray(pairs).T
+        i, j = np.asarray(pairs, dtype=np.int64).reshape(-1, 2).T
+        e = self.engine
+        if shape.transport == "tcp":
+            # reliable: every byte arrives unless a connection gave up (then that block counts as lost)
+            up_done, up_time = self._tcp_phase(shape, workers, servers)
+            down_done, down_time = self._tcp_phase(shape, servers, workers)
+            up[i, j] = (up_done >= 0)[:, None]
+            down[j, i] = (down_done >= 0)[:, None]
+            stats = {"bytes_received": float(self.tcp.bytesReceived), "failed_connections": float(self.tcp.failedConnections)}
+        else:
+            up_arrivals, up_time = self._phase(shape, PHASE_UP, workers, servers)
+            down_arrivals, down_time = self._phase(shape, PHASE_DOWN, servers, workers)
             up[i, j] = up_arrivals >= 0
             down[j, i] = down_arrivals >= 0
-        e = self.engine
-        stats = {
-            "packets_sent": float(e.sent),
-            "packets_received": float(e.received),
-            "drops_link_error": float(e.linkDrops),
-            "drops_queue": float(e.queueDrops),
-        }
+            stats = {"packets_sent": float(e.sent), "packets_received": float(e.received)}
+        stats.update(drops_link_error=float(e.linkDrops), drops_queue=float(e.queueDrops))
         return SimulatedRound(up, down, up_time, down_time, stats)

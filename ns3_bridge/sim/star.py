@@ -30,6 +30,7 @@ def build_star(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Star:
 
     link = ns.PointToPointHelper()
     link.SetDeviceAttribute("DataRate", ns.DataRateValue(ns.DataRate(int(round(cfg.link_rate_bps)))))
+    link.SetDeviceAttribute("Mtu", ns.UintegerValue(9216))  # jumbo frames: packets up to 9,000 B never fragment
     link.SetChannelAttribute("Delay", ns.TimeValue(ns.NanoSeconds(int(round(cfg.link_delay_s * 1e9)))))
     device_queue = 1 if cfg.queue_disc == "fifo" else cfg.queue_packets
     link.SetQueue("ns3::DropTailQueue<Packet>", "MaxSize", ns.QueueSizeValue(ns.QueueSize(f"{device_queue}p")))

@@ -31,6 +31,12 @@ class Ns3Network(NetworkModel):
     (``rate``/``burst``/``gilbert_elliott``) and its parameters, ``seed``. ``timeout_s`` bounds every
     request; ``startup_timeout_s`` the bridge's start (which may build ns-3's precompiled header once).
 
+    ``transport="tcp"`` is the reliable baseline: each block crosses the same network as a TCP
+    transfer (a fresh connection per worker/server pair and round, so rounds stay independent);
+    everything arrives (RPS then equals DDP) and the phase times are what differ. ``tcp_variant``
+    (``cubic``, ``newreno``, ``bic``, ``vegas``), ``tcp_sack``, ``tcp_min_rto`` and ``tcp_conn_timeout``
+    replace ns-3's defaults (a 1 s minimum RTO and a 3 s SYN timeout would dominate every loss).
+
     Speed (outcomes are identical either way): ``sim_workers`` simulation processes in the bridge it
     starts (rounds are independent, so K processes simulate K rounds at once); ``run_ahead=k`` queues
     rounds r+1..r+k whenever round r is asked for, so the bridge simulates them while training
@@ -60,6 +66,11 @@ class Ns3Network(NetworkModel):
         startup_timeout_s: float = 300.0,
         sim_workers: int = 1,
         run_ahead: int = 0,
+        transport: str = "udp",
+        tcp_variant: str = "cubic",
+        tcp_sack: bool = False,
+        tcp_min_rto: Any = "1ms",
+        tcp_conn_timeout: Any = "3ms",
     ) -> None:
         self.config = NetworkConfig(
             topology=topology,
@@ -75,8 +86,15 @@ class Ns3Network(NetworkModel):
             ge_p_bad_to_good=ge_p_bad_to_good,
             ge_loss_good=ge_loss_good,
             ge_loss_bad=ge_loss_bad,
+            tcp_variant=tcp_variant,
+            tcp_sack=tcp_sack,
+            tcp_min_rto_s=tcp_min_rto,
+            tcp_conn_timeout_s=tcp_conn_timeout,
             seed=seed,
         )
+        if transport not in ("udp", "tcp"):
+            raise ValueError(f"transport must be 'udp' (lossy, RPS) or 'tcp' (the reliable baseline), got {transport!r}")
+        self.transport = transport
         if not timeout_s > 0 or not startup_timeout_s > 0:
             raise ValueError(f"timeout_s and startup_timeout_s must be > 0, got {timeout_s}, {startup_timeout_s}")
         if int(sim_workers) != sim_workers or sim_workers < 1:
@@ -128,8 +146,6 @@ class Ns3Network(NetworkModel):
         return client
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
-        if spec.transport != "udp":
-            raise ValueError(f"Ns3Network simulates transport 'udp' only so far, got {spec.transport!r}")
         client = self._connect()
         if self.run_ahead:
             # queue rounds r+1..r+run_ahead first: the pool simulates them while training computes
@@ -140,10 +156,10 @@ class Ns3Network(NetworkModel):
         (result,) = client.outcomes([self._shape(spec, spec.round)])
         return RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
 
-    @staticmethod
-    def _shape(spec: RoundSpec, round_index: int) -> RoundShape:
+    def _shape(self, spec: RoundSpec, round_index: int) -> RoundShape:
         return RoundShape(
-            round_index, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes, spec.colocated_servers
+            round_index, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes,
+            spec.colocated_servers, self.transport,
         )
 
     def prefetch(self, specs: Iterable[RoundSpec]) -> None:
@@ -171,6 +187,6 @@ class Ns3Network(NetworkModel):
         where = self.endpoint or "a bridge of its own"
         loss = f"{c.error_model} loss {c.mean_loss_rate:g}"
         return (
-            f"ns-3 {c.topology}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
+            f"ns-3 {self.transport.upper()} over {c.topology}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
             f"queue {c.queue_packets} pkts, seed {c.seed}) via {where}"
         )
