@@ -29,7 +29,7 @@ def test_main_job_writes_summary(tmp_path):
     assert summary["steps"] > 0 and 0.9 < summary["delivered_up"] <= 1.0
     assert summary["sim_time_s"] > summary["comm_time_s"] > 0
     assert summary["config"]["network"]["_target_"] == "pl_lossy.network.Ns3Network"  # ns-3 is the default
-    assert summary["network"].startswith("ns-3 star")
+    assert summary["network"].startswith("ns-3 UDP over star")
     assert summary["val_acc"] > 0.6
     assert "summary: val_acc=" in proc.stdout
     metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
@@ -91,3 +91,18 @@ def test_cifar10_from_a_user_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 5  # 40 images / 2 workers / batch 4
+
+
+def test_lossy_vs_tcp_example_reports_time_to_accuracy_for_both(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "lossy_vs_tcp.py"), "--out", str(tmp_path), "--epochs", "2",
+           "--workers", "2", "--target", "0.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("udp ", "tcp "))}
+    assert set(lines) == {"udp", "tcp"} and all(" s " in line for line in lines.values())
+    assert "speed-up of lossy UDP + RPS over TCP" in proc.stdout
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
+    udp = json.loads((tmp_path / "udp" / "summary.json").read_text())
+    tcp = json.loads((tmp_path / "tcp" / "summary.json").read_text())
+    assert tcp["delivered_up"] == 1.0 and udp["delivered_up"] < 1.0
+    assert tcp["comm_time_s"] > udp["comm_time_s"]  # same network, same rounds: reliable costs time
