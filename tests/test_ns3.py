@@ -47,15 +47,21 @@ def test_measured_loss_matches_the_configured_rate(bridge):
     assert out.up[0, 0].all() and out.down[1, 1].all()  # co-located: never on the network
 
 
-def test_same_seed_same_outcomes_in_any_order_and_process(bridge, tmp_path):
-    config = NetworkConfig(loss_rate=0.1, seed=3)
-    shapes = [RoundShape(r, 3, 3, 400, 1000) for r in range(5)]
+def in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes):
+    """The rounds asked in order from the shared bridge, and in reverse from a fresh bridge process."""
     forward = simulate(bridge, config, shapes)
     other = RunningBridge(tmp_path)
     try:
         backward = simulate(other, config, shapes[::-1])[::-1]
     finally:
         other.stop()
+    return forward, backward
+
+
+def test_same_seed_same_outcomes_in_any_order_and_process(bridge, tmp_path):
+    config = NetworkConfig(loss_rate=0.1, seed=3)
+    shapes = [RoundShape(r, 3, 3, 400, 1000) for r in range(5)]
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
     for a, b in zip(forward, backward):
         assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down)
         assert a.up_time_s == b.up_time_s and a.stats == b.stats
@@ -287,11 +293,6 @@ def test_tcp_delivers_everything_and_is_slower_than_lossy_udp(bridge):
 def test_tcp_rounds_are_the_same_in_any_order(bridge, tmp_path):
     config = NetworkConfig(loss_rate=0.05, seed=8)
     shapes = [RoundShape(r, 3, 3, 300, 1400, transport="tcp") for r in range(3)]
-    forward = simulate(bridge, config, shapes)
-    other = RunningBridge(tmp_path)
-    try:
-        backward = simulate(other, config, shapes[::-1])[::-1]
-    finally:
-        other.stop()
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
     assert [(o.up_time_s, o.down_time_s) for o in forward] == [(o.up_time_s, o.down_time_s) for o in backward]
     assert forward[0].up_time_s != forward[1].up_time_s  # rounds differ by their losses

@@ -15,15 +15,18 @@ _RATE_UNITS = {"bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
 
+def _quantity(value: Any, units: dict[str, float], name: str, example: str, unit_name: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]+)\s*", str(value))
+    if not m or m.group(2).lower() not in units:
+        raise ValueError(f"{name} must be a number of {unit_name} or like {example!r}, got {value!r}")
+    return float(m.group(1)) * units[m.group(2).lower()]
+
+
 def parse_rate(value: Any) -> float:
     """``"10Gbps"``, ``"100Mbps"`` or a number of bits per second -> bits per second."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        rate = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]+)\s*", str(value))
-        if not m or m.group(2).lower() not in _RATE_UNITS:
-            raise ValueError(f"link_rate must be a number of bits/s or like '10Gbps', got {value!r}")
-        rate = float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
+    rate = _quantity(value, _RATE_UNITS, "link_rate", "10Gbps", "bits/s")
     if not rate > 0:
         raise ValueError(f"link_rate must be > 0, got {value!r}")
     return rate
@@ -31,13 +34,7 @@ def parse_rate(value: Any) -> float:
 
 def parse_time(value: Any, name: str = "link_delay") -> float:
     """``"10us"``, ``"1ms"`` or a number of seconds -> seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]+)\s*", str(value))
-        if not m or m.group(2).lower() not in _TIME_UNITS:
-            raise ValueError(f"{name} must be a number of seconds or like '10us', got {value!r}")
-        seconds = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    seconds = _quantity(value, _TIME_UNITS, name, "10us", "seconds")
     if seconds < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return seconds
