@@ -296,3 +296,13 @@ def test_tcp_rounds_are_the_same_in_any_order(bridge, tmp_path):
     forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
     assert [(o.up_time_s, o.down_time_s) for o in forward] == [(o.up_time_s, o.down_time_s) for o in backward]
     assert forward[0].up_time_s != forward[1].up_time_s  # rounds differ by their losses
+
+
+def test_the_server_refuses_non_loopback_addresses_unless_asked():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ns3_bridge.server", "--endpoint", "tcp://0.0.0.0:5999"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "neither ipc:// nor loopback" in proc.stderr and "--allow-remote" in proc.stderr
