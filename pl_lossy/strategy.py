@@ -214,7 +214,7 @@ class LossyPSStrategy(DDPStrategy):
     def teardown(self) -> None:
         if self.network is not None and self.is_global_zero:
             self.network.close()
-        self._exchange = None  # the spare buffer; parameters keep their current flat storage
+        self._exchange = None  # its scratch buffers go; the parameters keep their flat storage
         super().teardown()
 
     # ------------------------------------------------------------------ the round
