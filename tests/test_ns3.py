@@ -306,3 +306,53 @@ def test_the_server_refuses_non_loopback_addresses_unless_asked():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "neither ipc:// nor loopback" in proc.stderr and "--allow-remote" in proc.stderr
+
+
+# ---------------------------------------------------------------- leaf-spine
+
+
+def _spine_packets(bridge_config, shape):
+    """In-process: simulate one round and count packets each spine received (its ports' queues)."""
+    from ns3_bridge.sim.simulator import RoundSimulator
+
+    sim = RoundSimulator(bridge_config)
+    out = sim.simulate(shape)
+    ns = sim.ns
+    per_spine = [sum(ns.DynamicCast[ns.PointToPointNetDevice](d).GetQueue().GetTotalReceivedPackets() for d in ports)
+                 for ports in sim.topology.spine_ports]
+    placement = list(sim.topology.leaf_of_host)
+    sim.close()
+    return out, per_spine, placement
+
+
+def test_leaf_spine_oversubscription_drops_where_non_blocking_does_not(bridge):
+    shape = RoundShape(0, 8, 8, 400, 1400)  # all-to-all between two racks of 4
+    blocking = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=1)  # 4:1
+    non_blocking = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=2, fabric_link_rate_bps="20Gbps",
+                                 fabric_queue_packets=1000)  # 1:1
+    assert blocking.oversubscription == 4.0 and non_blocking.oversubscription == 1.0
+    (dropped,) = simulate(bridge, blocking, [shape])
+    (clean,) = simulate(bridge, non_blocking, [shape])
+    assert dropped.stats["drops_queue"] > 1000 and dropped.stats["drops_link_error"] == 0
+    assert clean.stats["drops_queue"] == 0 and clean.up.all() and clean.down.all()
+
+
+def test_ecmp_spreads_packets_over_the_spines_and_placement_puts_hosts_where_it_says():
+    shape = RoundShape(0, 8, 8, 300, 1400)
+    cfg = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=3, queue_packets=10_000, fabric_queue_packets=10_000)
+    out, per_spine, packed = _spine_packets(cfg, shape)
+    cross_rack = 2 * (2 * 4 * 4) * 300  # both phases: each of 16 ordered cross-rack pairs, both directions
+    assert sum(per_spine) == cross_rack and min(per_spine) > 0.25 * cross_rack  # ~1/3 each
+    assert packed == [0, 0, 0, 0, 1, 1, 1, 1]
+    spread_cfg = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=3, placement="spread")
+    _, _, spread = _spine_packets(spread_cfg, RoundShape(0, 6, 6, 10, 1400))
+    assert spread == [0, 1, 0, 1, 0, 1]
+
+
+def test_leaf_spine_rounds_are_the_same_in_any_order(bridge, tmp_path):
+    config = NetworkConfig(topology="leaf_spine", hosts_per_leaf=2, n_spines=2, fabric_queue_packets=20, seed=3)
+    shapes = [RoundShape(r, 6, 3, 200, 1400) for r in range(3)]
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
+    for a, b in zip(forward, backward):
+        assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down) and a.stats == b.stats
+    assert sum(o.stats["drops_queue"] for o in forward) > 0

@@ -6,7 +6,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-TOPOLOGIES = ("star",)
+TOPOLOGIES = ("star", "leaf_spine")
+PLACEMENTS = ("packed", "spread")
 ERROR_MODELS = ("rate", "burst", "gilbert_elliott")
 QUEUE_DISCS = ("none", "fifo")
 TCP_VARIANTS = {"cubic": "ns3::TcpCubic", "newreno": "ns3::TcpNewReno", "bic": "ns3::TcpBic", "vegas": "ns3::TcpVegas"}
@@ -62,7 +63,7 @@ class NetworkConfig:
     """
 
     topology: str = "star"
-    link_rate_bps: float = 10e9
+    link_rate_bps: float = 10e9  # host links
     link_delay_s: float = 10e-6
     queue_packets: int = 100
     queue_disc: str = "none"
@@ -74,6 +75,12 @@ class NetworkConfig:
     ge_p_bad_to_good: float = 0.1
     ge_loss_good: float = 0.0
     ge_loss_bad: float = 1.0
+    hosts_per_leaf: int = 4  # leaf_spine: hosts under each leaf switch (a rack)
+    n_spines: int = 2  # leaf_spine: every leaf links to every spine
+    fabric_link_rate_bps: Any = None  # leaf_spine: leaf-spine links (None: link_rate)
+    fabric_link_delay_s: Any = None  # leaf_spine: (None: link_delay)
+    fabric_queue_packets: Any = None  # leaf_spine: buffers on leaf-spine links (None: queue_packets)
+    placement: str = "packed"  # leaf_spine: packed fills leaf 0 first; spread deals hosts round-robin
     tcp_variant: str = "cubic"  # transport=tcp: congestion control (cubic, newreno, dctcp-free variants)
     tcp_sack: bool = False  # see the README: SACK on stalled some flows for seconds under loss
     tcp_min_rto_s: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
@@ -89,6 +96,17 @@ class NetworkConfig:
             raise ValueError(f"queue_disc must be one of {QUEUE_DISCS}, got {self.queue_disc!r}")
         object.__setattr__(self, "link_rate_bps", parse_rate(self.link_rate_bps))
         object.__setattr__(self, "link_delay_s", parse_time(self.link_delay_s))
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        for name in ("hosts_per_leaf", "n_spines"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "fabric_link_rate_bps",
+                           self.link_rate_bps if self.fabric_link_rate_bps is None else parse_rate(self.fabric_link_rate_bps))
+        object.__setattr__(self, "fabric_link_delay_s",
+                           self.link_delay_s if self.fabric_link_delay_s is None else parse_time(self.fabric_link_delay_s, "fabric_link_delay"))
         if self.tcp_variant not in TCP_VARIANTS:
             raise ValueError(f"tcp_variant must be one of {sorted(TCP_VARIANTS)}, got {self.tcp_variant!r}")
         if not isinstance(self.tcp_sack, bool):
@@ -108,8 +126,17 @@ class NetworkConfig:
         if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be an integer in [0, 2^31), got {self.seed!r}")
         object.__setattr__(self, "queue_packets", int(self.queue_packets))
+        fq = self.queue_packets if self.fabric_queue_packets is None else self.fabric_queue_packets
+        if isinstance(fq, bool) or int(fq) != fq or fq < 1:
+            raise ValueError(f"fabric_queue_packets must be an integer >= 1, got {fq!r}")
+        object.__setattr__(self, "fabric_queue_packets", int(fq))
         object.__setattr__(self, "burst_packets", int(self.burst_packets))
         object.__setattr__(self, "seed", int(self.seed))
+
+    @property
+    def oversubscription(self) -> float:
+        """leaf_spine: a leaf's host bandwidth over its spine bandwidth (1.0 = non-blocking)."""
+        return self.hosts_per_leaf * self.link_rate_bps / (self.n_spines * self.fabric_link_rate_bps)
 
     @property
     def mean_loss_rate(self) -> float:

@@ -13,7 +13,7 @@ import numpy as np
 from .config import NetworkConfig
 from .round import RoundShape, SimulatedRound
 from .loader import load_ns
-from .star import build_star
+from .topology import build_topology
 
 PORT = 9000
 PHASE_UP, PHASE_DOWN = 1, 2
@@ -44,20 +44,20 @@ class RoundSimulator:
         ns = self.ns
         self.close()
         self._tcp_defaults()
-        self.star = build_star(ns, self.config, n_hosts)
+        self.topology = build_topology(ns, self.config, n_hosts)
         self.tcp = None  # built on the first tcp round
         self.engine = ns.cppyy.gbl.pl_lossy.RoundEngine(PORT)
         for h in range(n_hosts):
-            self.engine.AddHost(self.star.hosts.Get(h), self.star.host_addresses[h])
+            self.engine.AddHost(self.topology.hosts.Get(h), self.topology.host_addresses[h])
         self.error_models = [self._error_model() for _ in range(n_hosts)]
-        for dev, em in zip(self.star.host_devices, self.error_models):
+        for dev, em in zip(self.topology.host_devices, self.error_models):
             dev.SetAttribute("ReceiveErrorModel", ns.PointerValue(em))
             self.engine.WatchLinkErrors(dev)
-        for dev in self.star.switch_devices + self.star.host_devices:
+        for dev in self.topology.switch_devices + self.topology.host_devices:
             self.engine.WatchDeviceQueue(dev)
-        for node in [self.star.switch.Get(0)] + [self.star.hosts.Get(h) for h in range(n_hosts)]:
+        for node in self.topology.switches + [self.topology.hosts.Get(h) for h in range(n_hosts)]:
             self.engine.WatchTrafficControl(node)
-        for disc in self.star.queue_discs:
+        for disc in self.topology.queue_discs:
             self.engine.WatchQueueDisc(disc)
         self._n_hosts = n_hosts
 
@@ -83,6 +83,14 @@ class RoundSimulator:
             em.SetParameters(cfg.ge_p_good_to_bad, cfg.ge_p_bad_to_good, cfg.ge_loss_good, cfg.ge_loss_bad)
         return em
 
+    def _stack_streams(self) -> None:
+        ns = self.ns
+        nodes = ns.NodeContainer()
+        nodes.Add(self.topology.hosts)
+        for switch in self.topology.switches:
+            nodes.Add(switch)
+        ns.InternetStackHelper().AssignStreams(nodes, 1 << 20)
+
     def _tcp_defaults(self) -> None:
         """TCP settings that ns-3 reads when it creates TCP objects: set before the stack is installed."""
         ns, cfg = self.ns, self.config
@@ -103,7 +111,7 @@ class RoundSimulator:
         if self.tcp is None:
             self.tcp = ns.cppyy.gbl.pl_lossy.TcpRoundEngine(PORT)
             for h in range(self._n_hosts):
-                self.tcp.AddHost(self.star.hosts.Get(h), self.star.host_addresses[h])
+                self.tcp.AddHost(self.topology.hosts.Get(h), self.topology.host_addresses[h])
         ns.Config.SetDefault("ns3::TcpSocket::SegmentSize", ns.UintegerValue(shape.packet_bytes))
         completion = np.empty(len(src), dtype=np.float64)
         if not src:
@@ -126,6 +134,8 @@ class RoundSimulator:
                 em.AssignStreams(16 * h)
             em.Reset()
         self.engine.ResetCounters()
+        # ECMP's per-packet choices (leaf_spine) and any other internet-stack draws: round-keyed too
+        self._stack_streams()
         if getattr(self, "tcp", None) is not None:
             self.tcp.ResetCounters()
 

@@ -25,7 +25,9 @@ class Ns3Network(NetworkModel):
     by the bridge itself if this process dies. Give ``endpoint`` (``ipc://...`` or ``tcp://host:port``)
     to use a bridge you run yourself. Only rank 0 talks to the bridge.
 
-    Settings (see :class:`ns3_bridge.sim.config.NetworkConfig`): ``topology`` (``star``), ``link_rate``
+    Settings (see :class:`ns3_bridge.sim.config.NetworkConfig`): ``topology`` (``star`` or
+    ``leaf_spine`` with ``hosts_per_leaf``, ``n_spines``, ``fabric_link_rate``, ``fabric_link_delay``,
+    ``fabric_queue_packets``, ``placement`` = ``packed``/``spread``), ``link_rate``
     (``"10Gbps"`` or bits/s), ``link_delay`` (``"10us"`` or seconds), ``loss_rate`` (error model ``rate``),
     ``queue_packets`` (switch buffer per port), ``queue_disc`` (``none``/``fifo``), ``error_model``
     (``rate``/``burst``/``gilbert_elliott``) and its parameters, ``seed``. ``timeout_s`` bounds every
@@ -60,6 +62,12 @@ class Ns3Network(NetworkModel):
         ge_p_bad_to_good: float = 0.1,
         ge_loss_good: float = 0.0,
         ge_loss_bad: float = 1.0,
+        hosts_per_leaf: int = 4,
+        n_spines: int = 2,
+        fabric_link_rate: Any = None,
+        fabric_link_delay: Any = None,
+        fabric_queue_packets: Optional[int] = None,
+        placement: str = "packed",
         seed: int = 0,
         endpoint: Optional[str] = None,
         timeout_s: float = 120.0,
@@ -86,6 +94,12 @@ class Ns3Network(NetworkModel):
             ge_p_bad_to_good=ge_p_bad_to_good,
             ge_loss_good=ge_loss_good,
             ge_loss_bad=ge_loss_bad,
+            hosts_per_leaf=hosts_per_leaf,
+            n_spines=n_spines,
+            fabric_link_rate_bps=fabric_link_rate,
+            fabric_link_delay_s=fabric_link_delay,
+            fabric_queue_packets=fabric_queue_packets,
+            placement=placement,
             tcp_variant=tcp_variant,
             tcp_sack=tcp_sack,
             tcp_min_rto_s=tcp_min_rto,
@@ -185,8 +199,11 @@ class Ns3Network(NetworkModel):
     def describe(self) -> str:
         c = self.config
         where = self.endpoint or "a bridge of its own"
+        fabric = c.topology
+        if c.topology == "leaf_spine":
+            fabric = f"leaf_spine[{c.hosts_per_leaf} hosts/leaf, {c.n_spines} spines, {c.oversubscription:g}:1, {c.placement}]"
         loss = f"{c.error_model} loss {c.mean_loss_rate:g}"
         return (
-            f"ns-3 {self.transport.upper()} over {c.topology}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
+            f"ns-3 {self.transport.upper()} over {fabric}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
             f"queue {c.queue_packets} pkts, seed {c.seed}) via {where}"
         )

@@ -1,0 +1,150 @@
+"""Topologies, each read top-down as a series of ns-3 helpers: ``star`` and ``leaf_spine``.
+
+Every link is point-to-point with its own /24 (simulated addresses only). ns-3's Ipv4AddressHelper
+installs an FqCoDel of 10,240 packets on every interface, which would hide the buffer sizes set here:
+it is removed (``queue_disc="none"``) or replaced by a FIFO on the switch ports (``"fifo"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import NetworkConfig
+
+
+@dataclass
+class Topology:
+    hosts: Any  # NodeContainer, host h = node h
+    switches: list  # switch nodes (the star's one switch; leaves then spines)
+    host_devices: list  # each host's own interface (it receives through the error model there)
+    switch_devices: list  # every switch port (their egress queues are where congestion drops)
+    host_addresses: list
+    queue_discs: list = field(default_factory=list)  # switch ports' FIFO discs (queue_disc="fifo")
+    leaf_of_host: list = field(default_factory=list)  # leaf_spine: which leaf each host hangs from
+    spine_ports: list = field(default_factory=list)  # leaf_spine: per spine, its ports towards the leaves
+
+
+class _Links:
+    """Point-to-point links of one kind (rate, delay, device buffer), each on its own /24."""
+
+    def __init__(self, ns: Any, rate_bps: float, delay_s: float, queue_packets: int) -> None:
+        self.ns = ns
+        self.helper = ns.PointToPointHelper()
+        self.helper.SetDeviceAttribute("DataRate", ns.DataRateValue(ns.DataRate(int(round(rate_bps)))))
+        self.helper.SetDeviceAttribute("Mtu", ns.UintegerValue(9216))  # jumbo frames: up to 9,000 B never fragment
+        self.helper.SetChannelAttribute("Delay", ns.TimeValue(ns.NanoSeconds(int(round(delay_s * 1e9)))))
+        self.helper.SetQueue("ns3::DropTailQueue<Packet>", "MaxSize", ns.QueueSizeValue(ns.QueueSize(f"{queue_packets}p")))
+
+
+class _Builder:
+    def __init__(self, ns: Any, cfg: NetworkConfig) -> None:
+        self.ns, self.cfg = ns, cfg
+        self.addresses = ns.Ipv4AddressHelper()
+        self.all_devices = ns.NetDeviceContainer()
+        self.n_links = 0
+
+    def device_queue(self, packets: int) -> int:
+        return 1 if self.cfg.queue_disc == "fifo" else packets  # with a FIFO disc the disc holds the buffer
+
+    def connect(self, links: _Links, a: Any, b: Any) -> tuple[Any, Any, Any]:
+        """Link node a to node b; returns (a's device, b's device, a's address)."""
+        ns = self.ns
+        pair = links.helper.Install(a, b)
+        subnet = f"10.{self.n_links // 256}.{self.n_links % 256}.0"
+        self.n_links += 1
+        self.addresses.SetBase(ns.Ipv4Address(subnet), ns.Ipv4Mask("255.255.255.0"))
+        interfaces = self.addresses.Assign(pair)
+        self.all_devices.Add(pair)
+        return pair.Get(0), pair.Get(1), interfaces.GetAddress(0)
+
+    def finish(self, switch_devices: list) -> list:
+        """Replace ns-3's hidden FqCoDel, compute routes; returns the switch ports' queue discs."""
+        ns, cfg = self.ns, self.cfg
+        traffic_control = ns.TrafficControlHelper()
+        traffic_control.Uninstall(self.all_devices)
+        discs = []
+        if cfg.queue_disc == "fifo":
+            traffic_control.SetRootQueueDisc(
+                "ns3::FifoQueueDisc", "MaxSize", ns.QueueSizeValue(ns.QueueSize(f"{cfg.queue_packets}p"))
+            )
+            ports = ns.NetDeviceContainer()
+            for dev in switch_devices:
+                ports.Add(dev)
+            installed = traffic_control.Install(ports)
+            discs = [installed.Get(i) for i in range(installed.GetN())]
+        ns.Ipv4GlobalRoutingHelper.PopulateRoutingTables()
+        return discs
+
+
+def build_star(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
+    """Every host on its own link to one switch."""
+    hosts = ns.NodeContainer()
+    hosts.Create(n_hosts)
+    switch = ns.NodeContainer()
+    switch.Create(1)
+    stack = ns.InternetStackHelper()
+    stack.Install(hosts)
+    stack.Install(switch)
+
+    build = _Builder(ns, cfg)
+    host_links = _Links(ns, cfg.link_rate_bps, cfg.link_delay_s, build.device_queue(cfg.queue_packets))
+    host_devices, switch_devices, host_addresses = [], [], []
+    for h in range(n_hosts):
+        host_dev, switch_dev, address = build.connect(host_links, hosts.Get(h), switch.Get(0))
+        host_devices.append(host_dev)
+        switch_devices.append(switch_dev)
+        host_addresses.append(address)
+    discs = build.finish(switch_devices)
+    return Topology(hosts, [switch.Get(0)], host_devices, switch_devices, host_addresses, discs)
+
+
+def place_hosts(cfg: NetworkConfig, n_hosts: int) -> list[int]:
+    """Leaf of each host: ``packed`` fills leaf 0, then 1, ...; ``spread`` deals hosts round-robin."""
+    n_leaves = math.ceil(n_hosts / cfg.hosts_per_leaf)
+    if cfg.placement == "packed":
+        return [h // cfg.hosts_per_leaf for h in range(n_hosts)]
+    return [h % n_leaves for h in range(n_hosts)]
+
+
+def build_leaf_spine(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
+    """Racks of ``hosts_per_leaf`` hosts under leaf switches; every leaf linked to every spine.
+
+    Routing is ns-3's global routing with ECMP: each packet picks one of the equal-cost spines at
+    random (per-packet spraying; ns-3 3.44 has no per-flow hashing). Its random draws are re-seeded
+    every round with the other streams, so rounds stay independent.
+    """
+    ns.Config.SetDefault("ns3::Ipv4GlobalRouting::RandomEcmpRouting", ns.BooleanValue(True))
+    leaf_of_host = place_hosts(cfg, n_hosts)
+    n_leaves = max(leaf_of_host) + 1
+    hosts, leaves, spines = ns.NodeContainer(), ns.NodeContainer(), ns.NodeContainer()
+    hosts.Create(n_hosts)
+    leaves.Create(n_leaves)
+    spines.Create(cfg.n_spines)
+    stack = ns.InternetStackHelper()
+    for group in (hosts, leaves, spines):
+        stack.Install(group)
+
+    build = _Builder(ns, cfg)
+    host_links = _Links(ns, cfg.link_rate_bps, cfg.link_delay_s, build.device_queue(cfg.queue_packets))
+    fabric_links = _Links(ns, cfg.fabric_link_rate_bps, cfg.fabric_link_delay_s, build.device_queue(cfg.fabric_queue_packets))
+    host_devices, switch_devices, host_addresses = [], [], []
+    for h in range(n_hosts):
+        host_dev, leaf_dev, address = build.connect(host_links, hosts.Get(h), leaves.Get(leaf_of_host[h]))
+        host_devices.append(host_dev)
+        switch_devices.append(leaf_dev)
+        host_addresses.append(address)
+    spine_ports = [[] for _ in range(cfg.n_spines)]
+    for leaf in range(n_leaves):
+        for spine in range(cfg.n_spines):
+            leaf_dev, spine_dev, _ = build.connect(fabric_links, leaves.Get(leaf), spines.Get(spine))
+            switch_devices += [leaf_dev, spine_dev]
+            spine_ports[spine].append(spine_dev)
+    discs = build.finish(switch_devices)
+    switches = [leaves.Get(i) for i in range(n_leaves)] + [spines.Get(i) for i in range(cfg.n_spines)]
+    return Topology(hosts, switches, host_devices, switch_devices, host_addresses, discs, leaf_of_host, spine_ports)
+
+
+def build_topology(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
+    return {"star": build_star, "leaf_spine": build_leaf_spine}[cfg.topology](ns, cfg, n_hosts)
