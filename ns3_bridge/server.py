@@ -170,15 +170,22 @@ class BridgeServer:
         config = NetworkConfig.from_dict(settings)
         if config == self.config and all(s.alive for s in self.sims):
             return protocol.encode({"type": "ok"})
-        for sim in self.sims:  # rounds of the old settings are of no use: start every process afresh
-            sim.stop()
+        # rounds of the old settings are of no use: drop them, let running ones finish, and reconfigure
+        # the live processes in place (a new process would pay ns-3's import and JIT warm-up again)
         self.queue.clear()
         self.cache.clear()
         self.deaths.clear()
         self.failed.clear()
         self.config = None
         for sim in self.sims:
-            sim.start(config.to_dict())
+            if sim.alive and sim.task is not None:
+                sim.wait(self.sim_timeout_s)
+                sim.task = None
+        for sim in self.sims:
+            if sim.alive:
+                sim.send(("configure", config.to_dict()), "configure")
+            else:
+                sim.start(config.to_dict())
         for sim in self.sims:
             reply = sim.wait(self.sim_timeout_s)
             sim.task = None
