@@ -136,7 +136,7 @@ class RoundSimulator:
         self.engine.ResetCounters()
         # ECMP's per-packet choices (leaf_spine) and any other internet-stack draws: round-keyed too
         self._stack_streams()
-        if getattr(self, "tcp", None) is not None:
+        if self.tcp is not None:
             self.tcp.ResetCounters()
 
     def _phase(self, shape: RoundShape, phase: int, src: list[int], dst: list[int]) -> tuple[np.ndarray, float]:

@@ -182,9 +182,9 @@ class Ns3Network(NetworkModel):
     def close(self) -> None:
         client, process = self._client, self._process
         self._client = self._process = None
-        if client is not None and (process is None or process.poll() is None):
-            try:
-                client.shutdown(timeout_s=5.0) if process is not None else None
+        if client is not None and process is not None and process.poll() is None:
+            try:  # only a bridge we started is ours to shut down
+                client.shutdown(timeout_s=5.0)
             except BridgeError:
                 pass
         if client is not None:
