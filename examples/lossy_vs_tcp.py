@@ -14,50 +14,17 @@ the two runs differ only by their network, not by this machine's noise.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from pl_lossy.runs import run_main_job, split_overrides
 
 HERE = Path(__file__).resolve().parent
 
 
-def run(transport: str, out: Path, overrides: list[str]) -> Path:
-    run_dir = out / transport
-    cmd = [sys.executable, str(HERE / "train.py"), f"hydra.run.dir={run_dir}", f"network.transport={transport}",
-           "trainer.enable_progress_bar=false", *overrides]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: the {transport} run failed:\n{proc.stderr[-2000:]}")
-    return run_dir
-
-
-def accuracy_curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(simulated time at the validation, val_acc) for every validation of the run."""
-    rows = list(csv.DictReader(open(next(run_dir.glob("logs/version_*/metrics.csv")))))
-    sim_at_step: dict[int, float] = {}
-    for r in rows:
-        if r.get("net/sim_time_s"):
-            sim_at_step[int(r["step"])] = float(r["net/sim_time_s"])
-    curve = []
-    for r in rows:
-        if r.get("val_acc"):
-            step = int(r["step"])
-            earlier = [s for s in sim_at_step if s <= step]
-            curve.append((sim_at_step[max(earlier)] if earlier else 0.0, float(r["val_acc"])))
-    return curve
-
-
-def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, acc in curve if acc >= target), None)
-
-
 def main() -> None:
-    argv = sys.argv[1:]
-    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, overrides = split_overrides(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=float, default=0.93, help="validation accuracy to reach")
     p.add_argument("--loss-rate", type=float, default=0.02)
@@ -77,10 +44,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for transport in ("udp", "tcp"):
-        run_dir = run(transport, args.out, common)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        curve = accuracy_curve(run_dir)
-        results[transport] = dict(curve=curve, time_to_target=time_to(curve, args.target), summary=summary)
+        result = run_main_job(HERE / "train.py", args.out / transport, [*common, f"network.transport={transport}"], transport)
+        results[transport] = dict(curve=result.accuracy_curve(), time_to_target=result.time_to(args.target), summary=result.summary)
 
     print(f"\ntarget val_acc {args.target}; {args.workers} workers, {args.link_rate}, loss {args.loss_rate}")
     print(f"{'':5} {'final val_acc':>13} {'sim time to target':>19} {'comm time / round':>18} {'sim time total':>15}")

@@ -1,8 +1,8 @@
 """pl-lossy main job: train data-parallel with RPS over a simulated network.
 
     python examples/train.py                                   # digits, MLP, 2 workers, 1% drops
-    python examples/train.py network.drop_rate=0.1 trainer.devices=4
-    python examples/train.py -m network.drop_rate=0,0.05,0.1 trainer.devices=2,4
+    python examples/train.py network.loss_rate=0.1 trainer.devices=4
+    python examples/train.py -m network.loss_rate=0,0.05,0.1 trainer.devices=2,4
 """
 
 import hydra

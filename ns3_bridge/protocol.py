@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .sim.round import RoundShape, SimulatedRound
+from .sim.round import TRANSPORTS, RoundShape, SimulatedRound
 
 VERSION = 1
 REQUESTS = ("ping", "configure", "outcome", "prefetch", "shutdown")
@@ -76,8 +76,8 @@ def parse_shape(d: Any) -> RoundShape:
     if unknown:
         raise ProtocolError(f"unknown round fields {unknown}")
     transport = d.get("transport", "udp")
-    if transport not in ("udp", "tcp"):
-        raise ProtocolError(f"round field 'transport' must be 'udp' or 'tcp', got {transport!r}")
+    if transport not in TRANSPORTS:
+        raise ProtocolError(f"round field 'transport' must be one of {TRANSPORTS}, got {transport!r}")
     colocated = d.get("colocated_servers", True)
     if not isinstance(colocated, bool):
         raise ProtocolError(f"round field 'colocated_servers' must be true or false, got {colocated!r}")

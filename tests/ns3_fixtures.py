@@ -27,3 +27,19 @@ class RunningBridge:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(20)
         self.client.close()
+
+
+def simulate(bridge, config, shapes):
+    bridge.client.configure(config)
+    return bridge.client.outcomes(shapes)
+
+
+def in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes):
+    """The rounds asked in order from the shared bridge, and in reverse from a fresh bridge process."""
+    forward = simulate(bridge, config, shapes)
+    other = RunningBridge(tmp_path)
+    try:
+        backward = simulate(other, config, shapes[::-1])[::-1]
+    finally:
+        other.stop()
+    return forward, backward

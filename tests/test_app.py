@@ -41,6 +41,8 @@ def test_main_job_writes_summary(tmp_path):
     [
         ("network.loss_rate=1.5", "invalid `network` config: loss_rate must be a probability in [0, 1], got 1.5"),
         ("network.link_rate=fast", "invalid `network` config: link_rate must be a number of bits/s or like '10Gbps'"),
+        ("experiment=datacenter network.background_load=1.2", "invalid `network` config: background_load must be in [0, 1)"),
+        ("network.transport=quic", "invalid `network` config: transport must be 'udp' (lossy, RPS), 'tcp'"),
         ("network=bernoulli network.drop_rate=-1", "invalid `network` config: drop_rate must be a probability in [0, 1], got -1.0"),
         ("data=cifar10", "invalid `data` config: Missing mandatory value: data.data_dir"),
         ("strategy.num_servers=3", "num_servers=3 co-located servers need at least as many workers; there are 2"),
@@ -106,3 +108,19 @@ def test_lossy_vs_tcp_example_reports_time_to_accuracy_for_both(tmp_path):
     tcp = json.loads((tmp_path / "tcp" / "summary.json").read_text())
     assert tcp["delivered_up"] == 1.0 and udp["delivered_up"] < 1.0
     assert tcp["comm_time_s"] > udp["comm_time_s"]  # same network, same rounds: reliable costs time
+
+
+def test_datacenter_claim_example_reports_the_three_ways_side_by_side(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "datacenter_claim.py"), "--out", str(tmp_path), "--target", "0.5",
+           "--", "trainer.max_epochs=1", "trainer.devices=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith(("lossy ", "reliable ", "none "))}
+    assert rows == {"lossy", "reliable", "none"}
+    assert "faster with lossy training in the learning class than with reliable training" in proc.stdout
+    assert (tmp_path / "claim.png").stat().st_size > 10_000
+    ways = json.loads((tmp_path / "results.json").read_text())["ways"]
+    flows = {way: r["background"]["flows"] for way, r in ways.items()}
+    assert len(set(flows.values())) == 1 and flows["none"] > 0  # the same tenants' flows every way
+    assert ways["reliable"]["learning_drop"] == 0 and ways["lossy"]["learning_drop"] > 0
+    assert ways["lossy"]["background"]["fct_mean_s"] < ways["reliable"]["background"]["fct_mean_s"]

@@ -13,19 +13,7 @@ from ns3_bridge.client import BridgeError
 from ns3_bridge.sim.config import NetworkConfig
 from ns3_bridge.sim.round import RoundShape
 
-from ns3_fixtures import RunningBridge
-
-
-@pytest.fixture(scope="session")
-def bridge(tmp_path_factory):
-    running = RunningBridge(tmp_path_factory.mktemp("bridge"))
-    yield running
-    running.stop()
-
-
-def simulate(bridge, config, shapes):
-    bridge.client.configure(config)
-    return bridge.client.outcomes(shapes)
+from ns3_fixtures import RunningBridge, in_order_and_reversed_elsewhere, simulate
 
 
 def remote(shape, up):
@@ -45,17 +33,6 @@ def test_measured_loss_matches_the_configured_rate(bridge):
     assert out.stats["drops_link_error"] == (~remote(shape, out.up)).sum() + (~remote(shape, out.down.transpose(1, 0, 2))).sum()
     assert out.stats["drops_queue"] == 0
     assert out.up[0, 0].all() and out.down[1, 1].all()  # co-located: never on the network
-
-
-def in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes):
-    """The rounds asked in order from the shared bridge, and in reverse from a fresh bridge process."""
-    forward = simulate(bridge, config, shapes)
-    other = RunningBridge(tmp_path)
-    try:
-        backward = simulate(other, config, shapes[::-1])[::-1]
-    finally:
-        other.stop()
-    return forward, backward
 
 
 def test_same_seed_same_outcomes_in_any_order_and_process(bridge, tmp_path):
@@ -146,7 +123,7 @@ def test_malformed_messages_get_error_replies_and_the_bridge_keeps_serving(bridg
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": -1, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'round' must be in"),
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 3, "packets_per_block": 3, "packet_bytes": 100}]}', "co-located servers need"),
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": "2", "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'n_workers' must be an integer"),
-        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100, "transport": "quic"}]}', "must be 'udp' or 'tcp'"),
+        (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100, "transport": "quic"}]}', "'transport' must be one of ('udp', 'tcp', 'none')"),
     ]
     for message, expected in bad:
         reply = ask(message)

@@ -10,6 +10,8 @@ TOPOLOGIES = ("star", "leaf_spine")
 PLACEMENTS = ("packed", "spread")
 ERROR_MODELS = ("rate", "burst", "gilbert_elliott")
 QUEUE_DISCS = ("none", "fifo")
+FLOW_SIZE_DISTRIBUTIONS = ("web_search",)
+LEARNING_TOS = 0x20  # DSCP CS1, the "scavenger" class: what the learning class matches on
 TCP_VARIANTS = {"cubic": "ns3::TcpCubic", "newreno": "ns3::TcpNewReno", "bic": "ns3::TcpBic", "vegas": "ns3::TcpVegas"}
 
 _RATE_UNITS = {"bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
@@ -60,6 +62,11 @@ class NetworkConfig:
     drops happen); ``queue_disc="none"`` keeps only that device queue (ns-3's default FqCoDel, which
     would hide it, is removed), ``"fifo"`` puts a FIFO queue discipline of that size in front of a
     one-packet device queue.
+
+    ``leaf_spine`` puts hosts in racks under leaf switches linked to every spine (``hosts_per_leaf``,
+    ``n_spines``, ``fabric_*``, ``placement``). ``background_*`` adds other tenants' TCP flows
+    (see ``background.py``); ``learning_class`` gives training packets (DSCP CS1) the lowest
+    priority and a buffer of ``learning_queue_packets`` at every port (see ``learning_class.hpp``).
     """
 
     topology: str = "star"
@@ -85,6 +92,13 @@ class NetworkConfig:
     tcp_sack: bool = False  # see the README: SACK on stalled some flows for seconds under loss
     tcp_min_rto_s: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
     tcp_conn_timeout_s: float = 3e-3  # SYN retransmission timeout (ns-3's default: 3 s)
+    background_load: float = 0.0  # other tenants' flows, as a fraction of every host link (0: none)
+    background_flow_sizes: str = "web_search"  # flow-size distribution of the background flows
+    background_size_scale: float = 1.0  # multiplies every background flow size
+    background_hosts: int = 0  # tenant-only hosts added to the fabric (placed after the training hosts)
+    background_window_s: Any = None  # arrivals per round span this long (None: the ideal exchange time)
+    learning_class: bool = False  # learning packets: lowest priority and a buffer of their own at every port
+    learning_queue_packets: Any = None  # learning_class: the learning band's buffer per port (None: the port's)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,6 +146,41 @@ class NetworkConfig:
         object.__setattr__(self, "fabric_queue_packets", int(fq))
         object.__setattr__(self, "burst_packets", int(self.burst_packets))
         object.__setattr__(self, "seed", int(self.seed))
+        self._check_background()
+
+    def _check_background(self) -> None:
+        try:
+            load = float(self.background_load)
+        except (TypeError, ValueError):
+            raise ValueError(f"background_load must be a number, got {self.background_load!r}") from None
+        if not 0.0 <= load < 1.0:
+            raise ValueError(f"background_load must be in [0, 1) (a fraction of each host link), got {load}")
+        object.__setattr__(self, "background_load", load)
+        if self.background_flow_sizes not in FLOW_SIZE_DISTRIBUTIONS:
+            raise ValueError(f"background_flow_sizes must be one of {FLOW_SIZE_DISTRIBUTIONS}, got {self.background_flow_sizes!r}")
+        try:
+            scale = float(self.background_size_scale)
+        except (TypeError, ValueError):
+            scale = -1.0
+        if not scale > 0:
+            raise ValueError(f"background_size_scale must be a number > 0, got {self.background_size_scale!r}")
+        object.__setattr__(self, "background_size_scale", scale)
+        hosts = self.background_hosts
+        if isinstance(hosts, bool) or int(hosts) != hosts or hosts < 0:
+            raise ValueError(f"background_hosts must be an integer >= 0, got {hosts!r}")
+        object.__setattr__(self, "background_hosts", int(hosts))
+        if self.background_window_s is not None:
+            window = parse_time(self.background_window_s, "background_window")
+            if window <= 0:
+                raise ValueError(f"background_window must be > 0 (or null: the ideal exchange time), got {self.background_window_s!r}")
+            object.__setattr__(self, "background_window_s", window)
+        if not isinstance(self.learning_class, bool):
+            raise ValueError(f"learning_class must be true or false, got {self.learning_class!r}")
+        lq = self.learning_queue_packets
+        if lq is not None:
+            if isinstance(lq, bool) or int(lq) != lq or lq < 1:
+                raise ValueError(f"learning_queue_packets must be an integer >= 1 (or null: the port's buffer), got {lq!r}")
+            object.__setattr__(self, "learning_queue_packets", int(lq))
 
     @property
     def oversubscription(self) -> float:

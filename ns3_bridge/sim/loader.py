@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-_HEADERS = ("gilbert_elliott.hpp", "round_engine.hpp", "tcp_engine.hpp")
+_HEADERS = ("gilbert_elliott.hpp", "learning_class.hpp", "round_engine.hpp", "tcp_engine.hpp", "background.hpp")
 _ns: ModuleType | None = None
 
 # Macros the wheel's loader defines when the matching library is present (ns3/ns/__init__.py).
@@ -135,8 +135,9 @@ def load_ns() -> ModuleType:
         raise Ns3Unavailable(f"ns-3 failed to load: {exc}") from exc
     import cppyy
 
+    cppyy.add_include_path(str(HERE))  # the headers include each other (tcp_transfer.hpp)
     for name in _HEADERS:
-        if not cppyy.cppdef((HERE / name).read_text()):
+        if not cppyy.cppdef(f'#include "{name}"'):
             raise Ns3Unavailable(f"compiling {name} failed")
     _ns = ns
     return ns

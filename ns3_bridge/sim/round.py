@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# udp: lossy, paced datagrams (RPS); tcp: the reliable baseline; none: no training traffic on the
+# fabric (blocks are delivered outside it at once), to measure the background traffic alone
+TRANSPORTS = ("udp", "tcp", "none")
+
 
 @dataclass(frozen=True)
 class RoundShape:
@@ -17,7 +21,7 @@ class RoundShape:
     packets_per_block: int
     packet_bytes: int
     colocated_servers: bool = True
-    transport: str = "udp"  # udp: lossy, paced datagrams; tcp: the reliable baseline
+    transport: str = "udp"  # one of TRANSPORTS
 
     @property
     def n_hosts(self) -> int:

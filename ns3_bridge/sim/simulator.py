@@ -1,22 +1,26 @@
 """RoundSimulator: one process's ns-3, simulating RPS rounds on a fixed topology.
 
-A round is two phases run back to back (uplink: workers -> servers, then downlink), each until its
-events drain, so every round starts from empty queues. Before each round the RNG run is set from the
-round index and every error model gets fresh streams, so a round's outcome depends only on
-(settings, seed, round), whichever rounds this process simulated before.
+A round is two phases back to back (uplink: workers -> servers; the downlink starts when every
+uplink packet or transfer is resolved), plus the round's background flows (other tenants), all in
+one run of the simulator that lasts until every event drains, so every round starts from empty
+queues. Before each round the RNG run is set from the round index and every error model gets fresh
+streams, and the background flows are drawn from (seed, round), so a round's outcome depends only
+on (settings, seed, round), whichever rounds this process simulated before.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .config import NetworkConfig
+from .background import background_flows
+from .config import LEARNING_TOS, TCP_VARIANTS, NetworkConfig
 from .round import RoundShape, SimulatedRound
 from .loader import load_ns
 from .topology import build_topology
 
-PORT = 9000
-PHASE_UP, PHASE_DOWN = 1, 2
+PORT = 9000  # training traffic (UDP datagrams or TCP transfers)
+BACKGROUND_PORT = 9100  # background flows' listeners
+BACKGROUND_SEGMENT_BYTES = 1448  # a 1,500-byte Ethernet MTU's TCP payload: what tenants send
 
 
 class RoundSimulator:
@@ -39,28 +43,36 @@ class RoundSimulator:
             self._n_hosts = None
 
     def _ensure_topology(self, n_hosts: int) -> None:
+        """Build the fabric for n_hosts training hosts (plus the tenant-only hosts) once per size."""
         if self._n_hosts == n_hosts:
             return
-        ns = self.ns
+        ns, cfg = self.ns, self.config
         self.close()
         self._tcp_defaults()
-        self.topology = build_topology(ns, self.config, n_hosts)
-        self.tcp = None  # built on the first tcp round
-        self.engine = ns.cppyy.gbl.pl_lossy.RoundEngine(PORT)
-        for h in range(n_hosts):
-            self.engine.AddHost(self.topology.hosts.Get(h), self.topology.host_addresses[h])
-        self.error_models = [self._error_model() for _ in range(n_hosts)]
+        self.topology = build_topology(ns, cfg, n_hosts + cfg.background_hosts)
+        tos = LEARNING_TOS if cfg.learning_class else 0
+        gbl = ns.cppyy.gbl.pl_lossy
+        self.engine = gbl.RoundEngine(PORT, tos)
+        self.tcp = gbl.TcpRoundEngine(PORT, tos)
+        self.background = gbl.BackgroundTraffic(BACKGROUND_PORT, BACKGROUND_SEGMENT_BYTES)
+        all_hosts = range(n_hosts + cfg.background_hosts)
+        for h in all_hosts:
+            node, address = self.topology.hosts.Get(h), self.topology.host_addresses[h]
+            self.background.AddHost(node, address)
+            if h < n_hosts:
+                self.engine.AddHost(node, address)
+                self.tcp.AddHost(node, address)
+        self.error_models = [self._error_model() for _ in all_hosts]
         for dev, em in zip(self.topology.host_devices, self.error_models):
             dev.SetAttribute("ReceiveErrorModel", ns.PointerValue(em))
             self.engine.WatchLinkErrors(dev)
         for dev in self.topology.switch_devices + self.topology.host_devices:
             self.engine.WatchDeviceQueue(dev)
-        for node in self.topology.switches + [self.topology.hosts.Get(h) for h in range(n_hosts)]:
+        for node in self.topology.switches + [self.topology.hosts.Get(h) for h in all_hosts]:
             self.engine.WatchTrafficControl(node)
         for disc in self.topology.queue_discs:
             self.engine.WatchQueueDisc(disc)
         self._n_hosts = n_hosts
-
     def _error_model(self):
         ns, cfg = self.ns, self.config
         if cfg.error_model == "rate":
@@ -94,8 +106,6 @@ class RoundSimulator:
     def _tcp_defaults(self) -> None:
         """TCP settings that ns-3 reads when it creates TCP objects: set before the stack is installed."""
         ns, cfg = self.ns, self.config
-        from .config import TCP_VARIANTS
-
         ns.Config.SetDefault("ns3::TcpL4Protocol::SocketType", ns.TypeIdValue(ns.TypeId.LookupByName(TCP_VARIANTS[cfg.tcp_variant])))
         ns.Config.SetDefault("ns3::TcpSocketBase::Sack", ns.BooleanValue(cfg.tcp_sack))
         ns.Config.SetDefault("ns3::TcpSocketBase::MinRto", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_min_rto_s * 1e9))))
@@ -105,22 +115,6 @@ class RoundSimulator:
         ns.Config.SetDefault("ns3::TcpSocketBase::Timestamp", ns.BooleanValue(False))
         # closed connections must leave TIME_WAIT before the round's events drain (ports are reused)
         ns.Config.SetDefault("ns3::TcpSocketBase::MaxSegLifetime", ns.DoubleValue(1e-3))
-
-    def _tcp_phase(self, shape: RoundShape, src: list[int], dst: list[int]) -> tuple[np.ndarray, float]:
-        ns = self.ns
-        if self.tcp is None:
-            self.tcp = ns.cppyy.gbl.pl_lossy.TcpRoundEngine(PORT)
-            for h in range(self._n_hosts):
-                self.tcp.AddHost(self.topology.hosts.Get(h), self.topology.host_addresses[h])
-        ns.Config.SetDefault("ns3::TcpSocket::SegmentSize", ns.UintegerValue(shape.packet_bytes))
-        completion = np.empty(len(src), dtype=np.float64)
-        if not src:
-            return completion, 0.0
-        elapsed = self.tcp.RunPhase(
-            np.asarray(src, dtype=np.int32), np.asarray(dst, dtype=np.int32), len(src),
-            shape.packets_per_block * shape.packet_bytes, completion,
-        )
-        return completion, float(elapsed)
 
     def _start_round(self, round_index: int) -> None:
         ns = self.ns
@@ -133,52 +127,78 @@ class RoundSimulator:
             if not hasattr(em, "streams"):
                 em.AssignStreams(16 * h)
             em.Reset()
-        self.engine.ResetCounters()
+        for counters in (self.engine, self.tcp, self.background):
+            counters.ResetCounters()
         # ECMP's per-packet choices (leaf_spine) and any other internet-stack draws: round-keyed too
         self._stack_streams()
-        if self.tcp is not None:
-            self.tcp.ResetCounters()
-
-    def _phase(self, shape: RoundShape, phase: int, src: list[int], dst: list[int]) -> tuple[np.ndarray, float]:
-        arrivals = np.empty((len(src), shape.packets_per_block), dtype=np.int64)
-        if not src:
-            return arrivals, 0.0
-        elapsed = self.engine.RunPhase(
-            shape.round,
-            phase,
-            np.asarray(src, dtype=np.int32),
-            np.asarray(dst, dtype=np.int32),
-            len(src),
-            shape.packets_per_block,
-            shape.packet_bytes,
-            self.config.link_rate_bps,
-            arrivals,
-        )
-        return arrivals, float(elapsed)
 
     def simulate(self, shape: RoundShape) -> SimulatedRound:
         self._ensure_topology(shape.n_hosts)
         self._start_round(shape.round)
-        pairs = shape.remote_pairs()
-        workers = [i for i, _ in pairs]
-        servers = [shape.server_host(j) for _, j in pairs]
-        W, S, P = shape.n_workers, shape.n_servers, shape.packets_per_block
-        up = np.ones((W, S, P), dtype=bool)
-        down = np.ones((S, W, P), dtype=bool)
-        i, j = np.asarray(pairs, dtype=np.int64).reshape(-1, 2).T
-        e = self.engine
-        if shape.transport == "tcp":
-            # reliable: every byte arrives unless a connection gave up (then that block counts as lost)
-            up_done, up_time = self._tcp_phase(shape, workers, servers)
-            down_done, down_time = self._tcp_phase(shape, servers, workers)
-            up[i, j] = (up_done >= 0)[:, None]
-            down[j, i] = (down_done >= 0)[:, None]
-            stats = {"bytes_received": float(self.tcp.bytesReceived), "failed_connections": float(self.tcp.failedConnections)}
-        else:
-            up_arrivals, up_time = self._phase(shape, PHASE_UP, workers, servers)
-            down_arrivals, down_time = self._phase(shape, PHASE_DOWN, servers, workers)
-            up[i, j] = up_arrivals >= 0
-            down[j, i] = down_arrivals >= 0
-            stats = {"packets_sent": float(e.sent), "packets_received": float(e.received)}
-        stats.update(drops_link_error=float(e.linkDrops), drops_queue=float(e.queueDrops))
+        training = self._start_training(shape)
+        fct = self._start_background(shape)
+        self.ns.Simulator.Run()
+        up, down, up_time, down_time, stats = training()
+        stats.update(drops_link_error=float(self.engine.linkDrops), drops_queue=float(self.engine.queueDrops))
+        if self.config.background_load > 0:
+            stats.update(self._background_stats(fct))
         return SimulatedRound(up, down, up_time, down_time, stats)
+
+    def _start_training(self, shape: RoundShape):
+        """Schedule the round's training traffic; returns what reads its outcome once the run is over."""
+        pairs = shape.remote_pairs()
+        i, j = np.asarray(pairs, dtype=np.int64).reshape(-1, 2).T
+        workers = i.astype(np.int32)
+        servers = np.asarray([shape.server_host(s) for s in j], dtype=np.int32)
+        W, S, P, n = shape.n_workers, shape.n_servers, shape.packets_per_block, len(pairs)
+        up, down = np.ones((W, S, P), dtype=bool), np.ones((S, W, P), dtype=bool)
+
+        def times(engine) -> tuple[float, float]:
+            if not engine.finished:
+                raise RuntimeError(f"round {shape.round}: the simulation drained before the training traffic "
+                                   "was resolved (a packet dropped where no trace watches)")
+            return float(engine.upSeconds), float(engine.downSeconds)
+
+        if shape.transport == "udp":
+            up_arrivals, down_arrivals = np.empty((n, P), dtype=np.int64), np.empty((n, P), dtype=np.int64)
+            self.engine.Start(shape.round, workers, servers, n, servers, workers, n,
+                              P, shape.packet_bytes, self.config.link_rate_bps, up_arrivals, down_arrivals)
+
+            def read_udp():
+                up[i, j] = up_arrivals >= 0
+                down[j, i] = down_arrivals >= 0
+                stats = {"packets_sent": float(self.engine.sent), "packets_received": float(self.engine.received)}
+                return (up, down, *times(self.engine), stats)
+
+            return read_udp
+        if shape.transport == "tcp":
+            up_done, down_done = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
+            self.tcp.Start(workers, servers, n, servers, workers, n, P * shape.packet_bytes, shape.packet_bytes,
+                           up_done, down_done)
+
+            def read_tcp():
+                # reliable: every byte arrives unless a connection gave up (then that block counts as lost)
+                up[i, j] = (up_done >= 0)[:, None]
+                down[j, i] = (down_done >= 0)[:, None]
+                stats = {"bytes_received": float(self.tcp.bytesReceived), "failed_connections": float(self.tcp.failedConnections)}
+                return (up, down, *times(self.tcp), stats)
+
+            return read_tcp
+        # "none": only the background crosses the fabric; the blocks are delivered outside it, at once
+        return lambda: (up, down, 0.0, 0.0, {})
+
+    def _start_background(self, shape: RoundShape) -> np.ndarray:
+        """Schedule the round's background flows; returns the array their completion times land in."""
+        flows = background_flows(self.config, shape, shape.n_hosts + self.config.background_hosts)
+        fct = np.empty(len(flows), dtype=np.float64)
+        if len(flows):
+            self.background.Start(flows.start_ns, flows.src, flows.dst, flows.size_bytes, len(flows), fct)
+        return fct
+
+    def _background_stats(self, fct: np.ndarray) -> dict[str, float]:
+        """Flow completion times of the round's background flows: count, mean, 99th percentile."""
+        done = fct[fct >= 0]
+        stats = {"background_flows": float(len(fct)), "background_unfinished": float(len(fct) - len(done))}
+        if len(done):
+            stats.update(background_fct_mean_s=float(done.mean()), background_fct_p99_s=float(np.percentile(done, 99)))
+        return stats

@@ -2,7 +2,8 @@
 
 Every link is point-to-point with its own /24 (simulated addresses only). ns-3's Ipv4AddressHelper
 installs an FqCoDel of 10,240 packets on every interface, which would hide the buffer sizes set here:
-it is removed (``queue_disc="none"``) or replaced by a FIFO on the switch ports (``"fifo"``).
+it is removed (``queue_disc="none"``) or replaced on every port by a FIFO (``"fifo"``) or by the
+learning class's two bands (``learning_class``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import NetworkConfig
+from .config import LEARNING_TOS, NetworkConfig
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Topology:
     host_devices: list  # each host's own interface (it receives through the error model there)
     switch_devices: list  # every switch port (their egress queues are where congestion drops)
     host_addresses: list
-    queue_discs: list = field(default_factory=list)  # switch ports' FIFO discs (queue_disc="fifo")
+    queue_discs: list = field(default_factory=list)  # every port's disc (queue_disc="fifo" or learning_class)
     leaf_of_host: list = field(default_factory=list)  # leaf_spine: which leaf each host hangs from
     spine_ports: list = field(default_factory=list)  # leaf_spine: per spine, its ports towards the leaves
 
@@ -43,12 +44,17 @@ class _Builder:
         self.ns, self.cfg = ns, cfg
         self.addresses = ns.Ipv4AddressHelper()
         self.all_devices = ns.NetDeviceContainer()
+        self.ports: list[tuple[Any, int]] = []  # (device, its buffer in packets): where queue discs go
         self.n_links = 0
 
-    def device_queue(self, packets: int) -> int:
-        return 1 if self.cfg.queue_disc == "fifo" else packets  # with a FIFO disc the disc holds the buffer
+    @property
+    def with_discs(self) -> bool:
+        return self.cfg.queue_disc == "fifo" or self.cfg.learning_class
 
-    def connect(self, links: _Links, a: Any, b: Any) -> tuple[Any, Any, Any]:
+    def device_queue(self, packets: int) -> int:
+        return 1 if self.with_discs else packets  # with a queue disc the disc holds the buffer
+
+    def connect(self, links: _Links, a: Any, b: Any, buffer_packets: int) -> tuple[Any, Any, Any]:
         """Link node a to node b; returns (a's device, b's device, a's address)."""
         ns = self.ns
         pair = links.helper.Install(a, b)
@@ -57,23 +63,33 @@ class _Builder:
         self.addresses.SetBase(ns.Ipv4Address(subnet), ns.Ipv4Mask("255.255.255.0"))
         interfaces = self.addresses.Assign(pair)
         self.all_devices.Add(pair)
+        self.ports += [(pair.Get(0), buffer_packets), (pair.Get(1), buffer_packets)]
         return pair.Get(0), pair.Get(1), interfaces.GetAddress(0)
 
-    def finish(self, switch_devices: list) -> list:
-        """Replace ns-3's hidden FqCoDel, compute routes; returns the switch ports' queue discs."""
+    def finish(self) -> list:
+        """Replace ns-3's hidden FqCoDel, compute routes; returns the queue discs installed on the ports.
+
+        ``queue_disc="fifo"``: a FIFO of the port's buffer on every port (host NICs included).
+        ``learning_class``: the two-band queue of learning_class.hpp instead (learning traffic last,
+        with a buffer of its own), also on every port, so hosts' NICs give way to other tenants too.
+        """
         ns, cfg = self.ns, self.cfg
-        traffic_control = ns.TrafficControlHelper()
-        traffic_control.Uninstall(self.all_devices)
+        ns.TrafficControlHelper().Uninstall(self.all_devices)
         discs = []
-        if cfg.queue_disc == "fifo":
-            traffic_control.SetRootQueueDisc(
-                "ns3::FifoQueueDisc", "MaxSize", ns.QueueSizeValue(ns.QueueSize(f"{cfg.queue_packets}p"))
-            )
+        buffers = sorted({b for _, b in self.ports}) if self.with_discs else []
+        for buffer in buffers:  # one helper per buffer size (host links and fabric links may differ)
             ports = ns.NetDeviceContainer()
-            for dev in switch_devices:
-                ports.Add(dev)
-            installed = traffic_control.Install(ports)
-            discs = [installed.Get(i) for i in range(installed.GetN())]
+            for dev, b in self.ports:
+                if b == buffer:
+                    ports.Add(dev)
+            if cfg.learning_class:
+                learning = buffer if cfg.learning_queue_packets is None else cfg.learning_queue_packets
+                installed = ns.cppyy.gbl.pl_lossy.InstallLearningClass(ports, buffer, learning, LEARNING_TOS)
+            else:
+                helper = ns.TrafficControlHelper()
+                helper.SetRootQueueDisc("ns3::FifoQueueDisc", "MaxSize", ns.QueueSizeValue(ns.QueueSize(f"{buffer}p")))
+                installed = helper.Install(ports)
+            discs += [installed.Get(i) for i in range(installed.GetN())]
         ns.Ipv4GlobalRoutingHelper.PopulateRoutingTables()
         return discs
 
@@ -92,11 +108,11 @@ def build_star(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
     host_links = _Links(ns, cfg.link_rate_bps, cfg.link_delay_s, build.device_queue(cfg.queue_packets))
     host_devices, switch_devices, host_addresses = [], [], []
     for h in range(n_hosts):
-        host_dev, switch_dev, address = build.connect(host_links, hosts.Get(h), switch.Get(0))
+        host_dev, switch_dev, address = build.connect(host_links, hosts.Get(h), switch.Get(0), cfg.queue_packets)
         host_devices.append(host_dev)
         switch_devices.append(switch_dev)
         host_addresses.append(address)
-    discs = build.finish(switch_devices)
+    discs = build.finish()
     return Topology(hosts, [switch.Get(0)], host_devices, switch_devices, host_addresses, discs)
 
 
@@ -131,17 +147,17 @@ def build_leaf_spine(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
     fabric_links = _Links(ns, cfg.fabric_link_rate_bps, cfg.fabric_link_delay_s, build.device_queue(cfg.fabric_queue_packets))
     host_devices, switch_devices, host_addresses = [], [], []
     for h in range(n_hosts):
-        host_dev, leaf_dev, address = build.connect(host_links, hosts.Get(h), leaves.Get(leaf_of_host[h]))
+        host_dev, leaf_dev, address = build.connect(host_links, hosts.Get(h), leaves.Get(leaf_of_host[h]), cfg.queue_packets)
         host_devices.append(host_dev)
         switch_devices.append(leaf_dev)
         host_addresses.append(address)
     spine_ports = [[] for _ in range(cfg.n_spines)]
     for leaf in range(n_leaves):
         for spine in range(cfg.n_spines):
-            leaf_dev, spine_dev, _ = build.connect(fabric_links, leaves.Get(leaf), spines.Get(spine))
+            leaf_dev, spine_dev, _ = build.connect(fabric_links, leaves.Get(leaf), spines.Get(spine), cfg.fabric_queue_packets)
             switch_devices += [leaf_dev, spine_dev]
             spine_ports[spine].append(spine_dev)
-    discs = build.finish(switch_devices)
+    discs = build.finish()
     switches = [leaves.Get(i) for i in range(n_leaves)] + [spines.Get(i) for i in range(cfg.n_spines)]
     return Topology(hosts, switches, host_devices, switch_devices, host_addresses, discs, leaf_of_host, spine_ports)
 

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-TRANSPORTS = ("udp", "tcp")
+from ns3_bridge.sim.round import TRANSPORTS
 
 
 @dataclass(frozen=True)

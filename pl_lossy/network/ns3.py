@@ -12,7 +12,7 @@ from typing import Any, Iterable, Optional
 
 from ns3_bridge.client import BridgeClient, BridgeError
 from ns3_bridge.sim.config import NetworkConfig
-from ns3_bridge.sim.round import RoundShape
+from ns3_bridge.sim.round import TRANSPORTS, RoundShape
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
 
@@ -38,6 +38,15 @@ class Ns3Network(NetworkModel):
     everything arrives (RPS then equals DDP) and the phase times are what differ. ``tcp_variant``
     (``cubic``, ``newreno``, ``bic``, ``vegas``), ``tcp_sack``, ``tcp_min_rto`` and ``tcp_conn_timeout``
     replace ns-3's defaults (a 1 s minimum RTO and a 3 s SYN timeout would dominate every loss).
+
+    Other tenants (off unless ``background_load`` > 0): TCP flows arriving as a Poisson process at
+    ``background_load`` of every host link's capacity, between any two hosts (``background_hosts`` adds
+    tenant-only hosts), sized by ``background_flow_sizes`` (``web_search``) times
+    ``background_size_scale``, over each round's ``background_window`` (default: the round's ideal
+    exchange time). Every round reports their completion times (``background_fct_mean_s``,
+    ``background_fct_p99_s``). ``learning_class=True`` marks training packets (DSCP CS1) and gives
+    them, at every port, the lowest priority and a buffer of ``learning_queue_packets`` of their own.
+    ``transport="none"`` simulates the background alone (blocks are delivered outside the fabric).
 
     Speed (outcomes are identical either way): ``sim_workers`` simulation processes in the bridge it
     starts (rounds are independent, so K processes simulate K rounds at once); ``run_ahead=k`` queues
@@ -68,6 +77,13 @@ class Ns3Network(NetworkModel):
         fabric_link_delay: Any = None,
         fabric_queue_packets: Optional[int] = None,
         placement: str = "packed",
+        background_load: float = 0.0,
+        background_flow_sizes: str = "web_search",
+        background_size_scale: float = 1.0,
+        background_hosts: int = 0,
+        background_window: Any = None,
+        learning_class: bool = False,
+        learning_queue_packets: Optional[int] = None,
         seed: int = 0,
         endpoint: Optional[str] = None,
         timeout_s: float = 120.0,
@@ -104,10 +120,20 @@ class Ns3Network(NetworkModel):
             tcp_sack=tcp_sack,
             tcp_min_rto_s=tcp_min_rto,
             tcp_conn_timeout_s=tcp_conn_timeout,
+            background_load=background_load,
+            background_flow_sizes=background_flow_sizes,
+            background_size_scale=background_size_scale,
+            background_hosts=background_hosts,
+            background_window_s=background_window,
+            learning_class=learning_class,
+            learning_queue_packets=learning_queue_packets,
             seed=seed,
         )
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"transport must be 'udp' (lossy, RPS) or 'tcp' (the reliable baseline), got {transport!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"transport must be 'udp' (lossy, RPS), 'tcp' (the reliable baseline) or 'none' (no training "
+                f"traffic on the fabric: background only), got {transport!r}"
+            )
         self.transport = transport
         if not timeout_s > 0 or not startup_timeout_s > 0:
             raise ValueError(f"timeout_s and startup_timeout_s must be > 0, got {timeout_s}, {startup_timeout_s}")
@@ -203,7 +229,9 @@ class Ns3Network(NetworkModel):
         if c.topology == "leaf_spine":
             fabric = f"leaf_spine[{c.hosts_per_leaf} hosts/leaf, {c.n_spines} spines, {c.oversubscription:g}:1, {c.placement}]"
         loss = f"{c.error_model} loss {c.mean_loss_rate:g}"
+        tenants = f", background load {c.background_load:g}" if c.background_load else ""
+        tenants += ", learning class" if c.learning_class else ""
         return (
             f"ns-3 {self.transport.upper()} over {fabric}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
-            f"queue {c.queue_packets} pkts, seed {c.seed}) via {where}"
+            f"queue {c.queue_packets} pkts{tenants}, seed {c.seed}) via {where}"
         )

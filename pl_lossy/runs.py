@@ -1,0 +1,87 @@
+"""Runs of the main job, for the examples that compare several: start one as a subprocess, read it back.
+
+Reading back: its summary.json and its per-round metrics.csv (CSVLogger): the accuracy curve against
+simulated time, when it first reaches a target, and the background tenants' completion times over
+the run's rounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """An example's own arguments, and the Hydra overrides after ``--`` (for every run it starts)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -> "RunResult":
+    """Run the main job (``script``, e.g. examples/train.py) into ``run_dir``; exit with its error if it fails."""
+    cmd = [sys.executable, str(script), f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *overrides]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: the {name} run failed:\n{proc.stderr[-2000:]}")
+    return RunResult.load(run_dir)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, str]]  # metrics.csv, one dict per row (empty strings where not logged)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunResult":
+        run_dir = Path(run_dir)
+        versions = sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+        if not versions:
+            raise FileNotFoundError(f"no logs/version_*/metrics.csv under {run_dir}")
+        metrics = versions[-1]  # a run dir used again gets a new version: the newest is this run's
+        with open(metrics, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return cls(run_dir, json.loads((run_dir / "summary.json").read_text()), rows)
+
+    def column(self, name: str) -> list[tuple[int, float]]:
+        """(step, value) for every row that logged ``name``."""
+        return [(int(r["step"]), float(r[name])) for r in self.rows if r.get(name)]
+
+    def accuracy_curve(self) -> list[tuple[float, float]]:
+        """(simulated time at the validation, val_acc) for every validation of the run."""
+        sim_at_step = dict(self.column("net/sim_time_s"))
+        curve = []
+        for step, acc in self.column("val_acc"):
+            earlier = [s for s in sim_at_step if s <= step]
+            curve.append((sim_at_step[max(earlier)] if earlier else 0.0, acc))
+        return curve
+
+    def time_to(self, target: float) -> Optional[float]:
+        """Simulated time at which validation accuracy first reached ``target`` (None: never)."""
+        return next((t for t, acc in self.accuracy_curve() if acc >= target), None)
+
+    @property
+    def learning_drop(self) -> float:
+        """Fraction of the training packets that crossed the network and were dropped."""
+        return 1.0 - 0.5 * (self.summary["delivered_up"] + self.summary["delivered_down"])
+
+    def background(self) -> dict[str, float]:
+        """Background flows over all logged rounds: count, flow-weighted mean FCT, mean of per-round p99."""
+        flows = dict(self.column("net/background_flows"))
+        means = dict(self.column("net/background_fct_mean_s"))
+        p99s = [v for _, v in self.column("net/background_fct_p99_s")]
+        n = sum(flows[s] for s in means)
+        if not n:
+            return {"flows": sum(flows.values()), "fct_mean_s": float("nan"), "fct_p99_s": float("nan")}
+        return {
+            "flows": sum(flows.values()),
+            "fct_mean_s": sum(means[s] * flows[s] for s in means) / n,
+            "fct_p99_s": sum(p99s) / len(p99s),
+        }
