@@ -181,6 +181,9 @@ def test_config_validation_names_the_setting():
         (dict(queue_packets=0), "queue_packets must be an integer >= 1"),
         (dict(error_model="gauss"), "error_model must be one of"),
         (dict(topology="ring"), "topology must be one of"),
+        (dict(placement="random"), "placement must be one of"),
+        (dict(placement=[0, -1]), r"list of each host's leaf \(integers >= 0\)"),
+        (dict(placement=[0, 0, 0], hosts_per_leaf=2), "more than hosts_per_leaf=2 hosts on leaf 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             NetworkConfig(**kwargs)
@@ -324,6 +327,14 @@ def test_ecmp_spreads_packets_over_the_spines_and_placement_puts_hosts_where_it_
     spread_cfg = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=3, placement="spread")
     _, _, spread = _spine_packets(spread_cfg, RoundShape(0, 6, 6, 10, 1400))
     assert spread == [0, 1, 0, 1, 0, 1]
+    # explicit: workers, then tenant-only hosts; leaf 1 left empty still exists
+    explicit_cfg = NetworkConfig(topology="leaf_spine", hosts_per_leaf=2, n_spines=1, placement=[2, 0, 2, 0, 3],
+                                 background_hosts=1)
+    out, _, explicit = _spine_packets(explicit_cfg, RoundShape(0, 4, 4, 10, 1400))
+    assert explicit == [2, 0, 2, 0, 3] and out.up.all()
+    too_few = NetworkConfig(topology="leaf_spine", hosts_per_leaf=2, placement=[0, 1])
+    with pytest.raises(ValueError, match="placement lists 2 hosts' leaves, but this fabric has 4 hosts"):
+        _spine_packets(too_few, RoundShape(0, 4, 4, 10, 1400))
 
 
 def test_leaf_spine_rounds_are_the_same_in_any_order(bridge, tmp_path):

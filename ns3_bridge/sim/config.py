@@ -87,7 +87,7 @@ class NetworkConfig:
     fabric_link_rate_bps: Any = None  # leaf_spine: leaf-spine links (None: link_rate)
     fabric_link_delay_s: Any = None  # leaf_spine: (None: link_delay)
     fabric_queue_packets: Any = None  # leaf_spine: buffers on leaf-spine links (None: queue_packets)
-    placement: str = "packed"  # leaf_spine: packed fills leaf 0 first; spread deals hosts round-robin
+    placement: Any = "packed"  # leaf_spine: packed fills leaf 0 first | spread: round-robin | [leaf of each host]
     tcp_variant: str = "cubic"  # transport=tcp: congestion control (cubic, newreno, dctcp-free variants)
     tcp_sack: bool = False  # see the README: SACK on stalled some flows for seconds under loss
     tcp_min_rto_s: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
@@ -110,8 +110,7 @@ class NetworkConfig:
             raise ValueError(f"queue_disc must be one of {QUEUE_DISCS}, got {self.queue_disc!r}")
         object.__setattr__(self, "link_rate_bps", parse_rate(self.link_rate_bps))
         object.__setattr__(self, "link_delay_s", parse_time(self.link_delay_s))
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        self._check_placement()
         for name in ("hosts_per_leaf", "n_spines"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
@@ -147,6 +146,23 @@ class NetworkConfig:
         object.__setattr__(self, "burst_packets", int(self.burst_packets))
         object.__setattr__(self, "seed", int(self.seed))
         self._check_background()
+
+    def _check_placement(self) -> None:
+        if isinstance(self.placement, str):
+            if self.placement not in PLACEMENTS:
+                raise ValueError(f"placement must be one of {PLACEMENTS} or a list of each host's leaf, got {self.placement!r}")
+            return
+        try:
+            leaves = tuple(self.placement)
+        except TypeError:
+            leaves = None
+        if not leaves or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in leaves):
+            raise ValueError(f"placement must be one of {PLACEMENTS} or a list of each host's leaf (integers >= 0), "
+                             f"got {self.placement!r}")
+        crowded = sorted({leaf for leaf in leaves if leaves.count(leaf) > self.hosts_per_leaf})
+        if crowded:
+            raise ValueError(f"placement puts more than hosts_per_leaf={self.hosts_per_leaf} hosts on leaf {crowded[0]}")
+        object.__setattr__(self, "placement", leaves)
 
     def _check_background(self) -> None:
         try:

@@ -117,7 +117,17 @@ def build_star(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
 
 
 def place_hosts(cfg: NetworkConfig, n_hosts: int) -> list[int]:
-    """Leaf of each host: ``packed`` fills leaf 0, then 1, ...; ``spread`` deals hosts round-robin."""
+    """Leaf of each host (training workers, then dedicated servers, then tenant-only hosts).
+
+    ``packed`` fills leaf 0, then 1, ...; ``spread`` deals hosts round-robin over the
+    ``ceil(n_hosts / hosts_per_leaf)`` leaves; a list gives each host's leaf (leaves are numbered
+    from 0 and a leaf with no host in the list still exists).
+    """
+    if not isinstance(cfg.placement, str):
+        if len(cfg.placement) < n_hosts:
+            raise ValueError(f"placement lists {len(cfg.placement)} hosts' leaves, but this fabric has {n_hosts} hosts "
+                             "(workers, then dedicated servers, then background_hosts): list one leaf per host")
+        return list(cfg.placement[:n_hosts])
     n_leaves = math.ceil(n_hosts / cfg.hosts_per_leaf)
     if cfg.placement == "packed":
         return [h // cfg.hosts_per_leaf for h in range(n_hosts)]

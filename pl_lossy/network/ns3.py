@@ -27,7 +27,7 @@ class Ns3Network(NetworkModel):
 
     Settings (see :class:`ns3_bridge.sim.config.NetworkConfig`): ``topology`` (``star`` or
     ``leaf_spine`` with ``hosts_per_leaf``, ``n_spines``, ``fabric_link_rate``, ``fabric_link_delay``,
-    ``fabric_queue_packets``, ``placement`` = ``packed``/``spread``), ``link_rate``
+    ``fabric_queue_packets``, ``placement`` = ``packed``/``spread``/a list of each host's leaf), ``link_rate``
     (``"10Gbps"`` or bits/s), ``link_delay`` (``"10us"`` or seconds), ``loss_rate`` (error model ``rate``),
     ``queue_packets`` (switch buffer per port), ``queue_disc`` (``none``/``fifo``), ``error_model``
     (``rate``/``burst``/``gilbert_elliott``) and its parameters, ``seed``. ``timeout_s`` bounds every
@@ -76,7 +76,7 @@ class Ns3Network(NetworkModel):
         fabric_link_rate: Any = None,
         fabric_link_delay: Any = None,
         fabric_queue_packets: Optional[int] = None,
-        placement: str = "packed",
+        placement: Any = "packed",
         background_load: float = 0.0,
         background_flow_sizes: str = "web_search",
         background_size_scale: float = 1.0,
@@ -227,7 +227,7 @@ class Ns3Network(NetworkModel):
         where = self.endpoint or "a bridge of its own"
         fabric = c.topology
         if c.topology == "leaf_spine":
-            fabric = f"leaf_spine[{c.hosts_per_leaf} hosts/leaf, {c.n_spines} spines, {c.oversubscription:g}:1, {c.placement}]"
+            fabric = f"leaf_spine[{c.hosts_per_leaf} hosts/leaf, {c.n_spines} spines, {c.oversubscription:g}:1, {c.placement if isinstance(c.placement, str) else 'explicit'}]"
         loss = f"{c.error_model} loss {c.mean_loss_rate:g}"
         tenants = f", background load {c.background_load:g}" if c.background_load else ""
         tenants += ", learning class" if c.learning_class else ""
