@@ -251,9 +251,7 @@ class BridgeServer:
         for sim in self.sims:
             if not self.queue:
                 return
-            if sim.proc is not None and not sim.alive:
-                continue  # reaped in check(); restarted there
-            if sim.idle:
+            if sim.idle:  # a dead one is not idle: check() restarts it
                 shape = self.queue.popleft()
                 sim.send(("simulate", shape), shape)
 

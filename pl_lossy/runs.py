@@ -29,7 +29,10 @@ def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"error: the {name} run failed:\n{proc.stderr[-2000:]}")
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        if lines and lines[-1].startswith("error: "):  # the app's own one-line error
+            sys.exit(f"error: the {name} run failed: {lines[-1][len('error: '):]}")
+        sys.exit(f"{proc.stderr[-2000:]}\nerror: the {name} run failed (exit code {proc.returncode}); its output is above")
     return RunResult.load(run_dir)
 
 

@@ -22,7 +22,7 @@ def test_no_load_no_flows():
 
 
 def test_flows_are_a_pure_function_of_seed_and_round():
-    cfg = NetworkConfig(background_load=0.5, background_window_s="10ms", link_rate_bps="1Gbps", background_size_scale=0.01)
+    cfg = NetworkConfig(background_load=0.5, background_window="10ms", link_rate="1Gbps", background_size_scale=0.01)
     a, b = background_flows(cfg, SHAPE, 8), background_flows(cfg, SHAPE, 8)
     for x, y in zip((a.start_ns, a.src, a.dst, a.size_bytes), (b.start_ns, b.src, b.dst, b.size_bytes)):
         assert np.array_equal(x, y)
@@ -34,7 +34,7 @@ def test_flows_are_a_pure_function_of_seed_and_round():
 
 def test_arrivals_offer_the_configured_load_between_distinct_hosts():
     load, hosts, rate, window = 0.3, 8, 1e9, 0.5
-    cfg = NetworkConfig(background_load=load, background_window_s=window, link_rate_bps=rate, background_size_scale=0.01)
+    cfg = NetworkConfig(background_load=load, background_window=window, link_rate=rate, background_size_scale=0.01)
     flows = background_flows(cfg, SHAPE, hosts)
     expected = load * hosts * rate / (8 * mean_flow_bytes(cfg)) * window
     assert abs(len(flows) - expected) < 5 * np.sqrt(expected)
@@ -56,11 +56,11 @@ def test_web_search_sizes_follow_their_cdf():
 
 
 def test_the_default_window_is_the_ideal_exchange_time():
-    cfg = NetworkConfig(link_rate_bps="1Gbps")
+    cfg = NetworkConfig(link_rate="1Gbps")
     # co-located 4x4: each worker sends 3 blocks up, each server 3 blocks down, 50 packets of 1430 B on the wire
     assert ideal_exchange_s(cfg, SHAPE) == pytest.approx(6 * 50 * 1430 * 8 / 1e9)
     assert background_window_s(cfg, SHAPE) == ideal_exchange_s(cfg, SHAPE)
-    assert background_window_s(NetworkConfig(background_window_s="2ms"), SHAPE) == pytest.approx(2e-3)
+    assert background_window_s(NetworkConfig(background_window="2ms"), SHAPE) == pytest.approx(2e-3)
     assert ideal_exchange_s(cfg, RoundShape(0, 1, 1, 10, 1400)) == 0.0  # nothing crosses the network
 
 
@@ -72,8 +72,8 @@ def test_the_default_window_is_the_ideal_exchange_time():
         ("background_flow_sizes", "uniform", "background_flow_sizes must be one of"),
         ("background_size_scale", 0, "background_size_scale must be a number > 0"),
         ("background_hosts", -1, "background_hosts must be an integer >= 0"),
-        ("background_window_s", "0ms", "background_window must be > 0"),
-        ("background_window_s", "soon", "background_window must be a number of seconds"),
+        ("background_window", "0ms", "background_window must be > 0"),
+        ("background_window", "soon", "background_window must be a number of seconds"),
         ("learning_class", "yes", "learning_class must be true or false"),
         ("learning_queue_packets", 0, "learning_queue_packets must be an integer >= 1"),
     ],

@@ -49,7 +49,7 @@ def test_same_seed_same_outcomes_in_any_order_and_process(bridge, tmp_path):
 
 def test_lossless_completion_time_is_bytes_over_rate_plus_delays(bridge):
     rate, delay, P, payload = 1e9, 100e-6, 1000, 1400
-    (out,) = simulate(bridge, NetworkConfig(link_rate_bps=rate, link_delay_s=delay), [RoundShape(0, 2, 2, P, payload)])
+    (out,) = simulate(bridge, NetworkConfig(link_rate=rate, link_delay=delay), [RoundShape(0, 2, 2, P, payload)])
     wire = (payload + 30) * 8 / rate  # UDP + IPv4 + PPP headers
     expected = P * wire + 2 * delay + wire  # serialize the block, cross two links, forward the last packet
     assert out.up.all() and out.down.all()
@@ -176,8 +176,8 @@ def test_a_dead_bridge_is_reported_by_name_within_the_timeout(tmp_path):
 
 def test_config_validation_names_the_setting():
     for kwargs, message in [
-        (dict(link_rate_bps="fast"), "link_rate must be"),
-        (dict(link_delay_s="-1ms"), "link_delay must be >= 0"),
+        (dict(link_rate="fast"), "link_rate must be"),
+        (dict(link_delay="-1ms"), "link_delay must be >= 0"),
         (dict(queue_packets=0), "queue_packets must be an integer >= 1"),
         (dict(error_model="gauss"), "error_model must be one of"),
         (dict(topology="ring"), "topology must be one of"),
@@ -187,7 +187,7 @@ def test_config_validation_names_the_setting():
     ]:
         with pytest.raises(ValueError, match=message):
             NetworkConfig(**kwargs)
-    assert NetworkConfig(link_rate_bps="25Gbps", link_delay_s="5us").link_rate_bps == 25e9
+    assert NetworkConfig(link_rate="25Gbps", link_delay="5us").link_rate == 25e9
 
 
 # ---------------------------------------------------------------- training over ns-3
@@ -308,7 +308,7 @@ def _spine_packets(bridge_config, shape):
 def test_leaf_spine_oversubscription_drops_where_non_blocking_does_not(bridge):
     shape = RoundShape(0, 8, 8, 400, 1400)  # all-to-all between two racks of 4
     blocking = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=1)  # 4:1
-    non_blocking = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=2, fabric_link_rate_bps="20Gbps",
+    non_blocking = NetworkConfig(topology="leaf_spine", hosts_per_leaf=4, n_spines=2, fabric_link_rate="20Gbps",
                                  fabric_queue_packets=1000)  # 1:1
     assert blocking.oversubscription == 4.0 and non_blocking.oversubscription == 1.0
     (dropped,) = simulate(bridge, blocking, [shape])

@@ -9,7 +9,7 @@ from ns3_fixtures import in_order_and_reversed_elsewhere, simulate
 
 # 4 training hosts + 4 tenant hosts, 2 per rack, one 1 Gb/s spine link per rack (2:1), web-search
 # flows at 1/100 of their bytes offering 40% of every host link
-DATACENTER = dict(topology="leaf_spine", hosts_per_leaf=2, n_spines=1, link_rate_bps="1Gbps", background_load=0.4,
+DATACENTER = dict(topology="leaf_spine", hosts_per_leaf=2, n_spines=1, link_rate="1Gbps", background_load=0.4,
                   background_size_scale=0.01, background_hosts=4, seed=1)
 CLASS = dict(learning_class=True, learning_queue_packets=20)
 
@@ -47,7 +47,7 @@ def test_background_flows_finish_sooner_with_the_learning_class_than_with_reliab
 
 
 def test_same_seed_same_drops_and_background_completion_times(bridge, tmp_path):
-    config = NetworkConfig(**{**DATACENTER, "n_spines": 2, "fabric_link_rate_bps": "500Mbps"}, **CLASS)  # ECMP too
+    config = NetworkConfig(**{**DATACENTER, "n_spines": 2, "fabric_link_rate": "500Mbps"}, **CLASS)  # ECMP too
     shapes = rounds("udp") + rounds("tcp", 1)
     forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
     for a, b in zip(forward, backward):

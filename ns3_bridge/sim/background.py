@@ -60,13 +60,13 @@ def ideal_exchange_s(cfg: NetworkConfig, shape: RoundShape) -> float:
         return 0.0
     up = max(sum(1 for i, _ in pairs if i == w) for w, _ in pairs)
     down = max(sum(1 for _, j in pairs if j == s) for _, s in pairs)
-    packet_s = (shape.packet_bytes + _HEADER_BYTES) * 8 / cfg.link_rate_bps
+    packet_s = (shape.packet_bytes + _HEADER_BYTES) * 8 / cfg.link_rate
     return (up + down) * shape.packets_per_block * packet_s
 
 
 def background_window_s(cfg: NetworkConfig, shape: RoundShape) -> float:
     """How long flows keep arriving in a round: ``background_window`` or, unset, the ideal exchange time."""
-    return cfg.background_window_s if cfg.background_window_s is not None else ideal_exchange_s(cfg, shape)
+    return cfg.background_window if cfg.background_window is not None else ideal_exchange_s(cfg, shape)
 
 
 def background_flows(cfg: NetworkConfig, shape: RoundShape, n_hosts: int) -> BackgroundFlows:
@@ -80,7 +80,7 @@ def background_flows(cfg: NetworkConfig, shape: RoundShape, n_hosts: int) -> Bac
     if cfg.background_load == 0 or n_hosts < 2 or window <= 0:
         return BackgroundFlows(empty, empty.astype(np.int32), empty.astype(np.int32), empty)
     rng = np.random.default_rng([cfg.seed, shape.round, 0x6267])  # "bg": a stream of its own
-    rate = cfg.background_load * n_hosts * cfg.link_rate_bps / (8 * mean_flow_bytes(cfg))
+    rate = cfg.background_load * n_hosts * cfg.link_rate / (8 * mean_flow_bytes(cfg))
     expected = rate * window
     starts = np.cumsum(rng.exponential(1 / rate, size=int(expected + 10 * np.sqrt(expected) + 10)))
     while starts[-1] < window:  # (almost never) more arrivals than drawn

@@ -67,11 +67,14 @@ class NetworkConfig:
     ``n_spines``, ``fabric_*``, ``placement``). ``background_*`` adds other tenants' TCP flows
     (see ``background.py``); ``learning_class`` gives training packets (DSCP CS1) the lowest
     priority and a buffer of ``learning_queue_packets`` at every port (see ``learning_class.hpp``).
+
+    Rates are given as ``"10Gbps"`` or bits/s and stored in bits/s; times as ``"10us"`` or seconds
+    and stored in seconds.
     """
 
     topology: str = "star"
-    link_rate_bps: float = 10e9  # host links
-    link_delay_s: float = 10e-6
+    link_rate: float = 10e9  # host links, bits/s
+    link_delay: float = 10e-6  # one way, per link, seconds
     queue_packets: int = 100
     queue_disc: str = "none"
     error_model: str = "rate"
@@ -84,19 +87,19 @@ class NetworkConfig:
     ge_loss_bad: float = 1.0
     hosts_per_leaf: int = 4  # leaf_spine: hosts under each leaf switch (a rack)
     n_spines: int = 2  # leaf_spine: every leaf links to every spine
-    fabric_link_rate_bps: Any = None  # leaf_spine: leaf-spine links (None: link_rate)
-    fabric_link_delay_s: Any = None  # leaf_spine: (None: link_delay)
+    fabric_link_rate: Any = None  # leaf_spine: leaf-spine links (None: link_rate)
+    fabric_link_delay: Any = None  # leaf_spine: (None: link_delay)
     fabric_queue_packets: Any = None  # leaf_spine: buffers on leaf-spine links (None: queue_packets)
     placement: Any = "packed"  # leaf_spine: packed fills leaf 0 first | spread: round-robin | [leaf of each host]
-    tcp_variant: str = "cubic"  # transport=tcp: congestion control (cubic, newreno, dctcp-free variants)
-    tcp_sack: bool = False  # see the README: SACK on stalled some flows for seconds under loss
-    tcp_min_rto_s: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
-    tcp_conn_timeout_s: float = 3e-3  # SYN retransmission timeout (ns-3's default: 3 s)
+    tcp_variant: str = "cubic"  # transport=tcp: congestion control (a key of TCP_VARIANTS)
+    tcp_sack: bool = False  # on or off made no difference under loss (README, tcp_under_loss.py)
+    tcp_min_rto: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
+    tcp_conn_timeout: float = 3e-3  # SYN retransmission timeout (ns-3's default: 3 s)
     background_load: float = 0.0  # other tenants' flows, as a fraction of every host link (0: none)
     background_flow_sizes: str = "web_search"  # flow-size distribution of the background flows
     background_size_scale: float = 1.0  # multiplies every background flow size
     background_hosts: int = 0  # tenant-only hosts added to the fabric (placed after the training hosts)
-    background_window_s: Any = None  # arrivals per round span this long (None: the ideal exchange time)
+    background_window: Any = None  # arrivals per round span this long (None: the ideal exchange time)
     learning_class: bool = False  # learning packets: lowest priority and a buffer of their own at every port
     learning_queue_packets: Any = None  # learning_class: the learning band's buffer per port (None: the port's)
     seed: int = 0
@@ -108,25 +111,25 @@ class NetworkConfig:
             raise ValueError(f"error_model must be one of {ERROR_MODELS}, got {self.error_model!r}")
         if self.queue_disc not in QUEUE_DISCS:
             raise ValueError(f"queue_disc must be one of {QUEUE_DISCS}, got {self.queue_disc!r}")
-        object.__setattr__(self, "link_rate_bps", parse_rate(self.link_rate_bps))
-        object.__setattr__(self, "link_delay_s", parse_time(self.link_delay_s))
+        object.__setattr__(self, "link_rate", parse_rate(self.link_rate))
+        object.__setattr__(self, "link_delay", parse_time(self.link_delay))
         self._check_placement()
         for name in ("hosts_per_leaf", "n_spines"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
             object.__setattr__(self, name, int(value))
-        object.__setattr__(self, "fabric_link_rate_bps",
-                           self.link_rate_bps if self.fabric_link_rate_bps is None else parse_rate(self.fabric_link_rate_bps))
-        object.__setattr__(self, "fabric_link_delay_s",
-                           self.link_delay_s if self.fabric_link_delay_s is None else parse_time(self.fabric_link_delay_s, "fabric_link_delay"))
+        object.__setattr__(self, "fabric_link_rate",
+                           self.link_rate if self.fabric_link_rate is None else parse_rate(self.fabric_link_rate))
+        object.__setattr__(self, "fabric_link_delay",
+                           self.link_delay if self.fabric_link_delay is None else parse_time(self.fabric_link_delay, "fabric_link_delay"))
         if self.tcp_variant not in TCP_VARIANTS:
             raise ValueError(f"tcp_variant must be one of {sorted(TCP_VARIANTS)}, got {self.tcp_variant!r}")
         if not isinstance(self.tcp_sack, bool):
             raise ValueError(f"tcp_sack must be true or false, got {self.tcp_sack!r}")
-        object.__setattr__(self, "tcp_min_rto_s", parse_time(self.tcp_min_rto_s, "tcp_min_rto"))
-        object.__setattr__(self, "tcp_conn_timeout_s", parse_time(self.tcp_conn_timeout_s, "tcp_conn_timeout"))
-        if self.tcp_min_rto_s <= 0 or self.tcp_conn_timeout_s <= 0:
+        object.__setattr__(self, "tcp_min_rto", parse_time(self.tcp_min_rto, "tcp_min_rto"))
+        object.__setattr__(self, "tcp_conn_timeout", parse_time(self.tcp_conn_timeout, "tcp_conn_timeout"))
+        if self.tcp_min_rto <= 0 or self.tcp_conn_timeout <= 0:
             raise ValueError("tcp_min_rto and tcp_conn_timeout must be > 0")
         if int(self.queue_packets) != self.queue_packets or self.queue_packets < 1:
             raise ValueError(f"queue_packets must be an integer >= 1, got {self.queue_packets!r}")
@@ -185,11 +188,11 @@ class NetworkConfig:
         if isinstance(hosts, bool) or int(hosts) != hosts or hosts < 0:
             raise ValueError(f"background_hosts must be an integer >= 0, got {hosts!r}")
         object.__setattr__(self, "background_hosts", int(hosts))
-        if self.background_window_s is not None:
-            window = parse_time(self.background_window_s, "background_window")
+        if self.background_window is not None:
+            window = parse_time(self.background_window, "background_window")
             if window <= 0:
-                raise ValueError(f"background_window must be > 0 (or null: the ideal exchange time), got {self.background_window_s!r}")
-            object.__setattr__(self, "background_window_s", window)
+                raise ValueError(f"background_window must be > 0 (or null: the ideal exchange time), got {self.background_window!r}")
+            object.__setattr__(self, "background_window", window)
         if not isinstance(self.learning_class, bool):
             raise ValueError(f"learning_class must be true or false, got {self.learning_class!r}")
         lq = self.learning_queue_packets
@@ -201,7 +204,7 @@ class NetworkConfig:
     @property
     def oversubscription(self) -> float:
         """leaf_spine: a leaf's host bandwidth over its spine bandwidth (1.0 = non-blocking)."""
-        return self.hosts_per_leaf * self.link_rate_bps / (self.n_spines * self.fabric_link_rate_bps)
+        return self.hosts_per_leaf * self.link_rate / (self.n_spines * self.fabric_link_rate)
 
     @property
     def mean_loss_rate(self) -> float:

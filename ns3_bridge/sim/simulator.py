@@ -108,8 +108,8 @@ class RoundSimulator:
         ns, cfg = self.ns, self.config
         ns.Config.SetDefault("ns3::TcpL4Protocol::SocketType", ns.TypeIdValue(ns.TypeId.LookupByName(TCP_VARIANTS[cfg.tcp_variant])))
         ns.Config.SetDefault("ns3::TcpSocketBase::Sack", ns.BooleanValue(cfg.tcp_sack))
-        ns.Config.SetDefault("ns3::TcpSocketBase::MinRto", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_min_rto_s * 1e9))))
-        ns.Config.SetDefault("ns3::TcpSocket::ConnTimeout", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_conn_timeout_s * 1e9))))
+        ns.Config.SetDefault("ns3::TcpSocketBase::MinRto", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_min_rto * 1e9))))
+        ns.Config.SetDefault("ns3::TcpSocket::ConnTimeout", ns.TimeValue(ns.NanoSeconds(int(cfg.tcp_conn_timeout * 1e9))))
         ns.Config.SetDefault("ns3::TcpSocket::DelAckCount", ns.UintegerValue(1))  # no 200 ms delayed-ACK stalls
         # timestamps carry absolute time in ms: RTT samples would depend on where a round falls on the clock
         ns.Config.SetDefault("ns3::TcpSocketBase::Timestamp", ns.BooleanValue(False))
@@ -162,7 +162,7 @@ class RoundSimulator:
         if shape.transport == "udp":
             up_arrivals, down_arrivals = np.empty((n, P), dtype=np.int64), np.empty((n, P), dtype=np.int64)
             self.engine.Start(shape.round, workers, servers, n, servers, workers, n,
-                              P, shape.packet_bytes, self.config.link_rate_bps, up_arrivals, down_arrivals)
+                              P, shape.packet_bytes, self.config.link_rate, up_arrivals, down_arrivals)
 
             def read_udp():
                 up[i, j] = up_arrivals >= 0

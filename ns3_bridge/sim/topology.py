@@ -105,7 +105,7 @@ def build_star(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
     stack.Install(switch)
 
     build = _Builder(ns, cfg)
-    host_links = _Links(ns, cfg.link_rate_bps, cfg.link_delay_s, build.device_queue(cfg.queue_packets))
+    host_links = _Links(ns, cfg.link_rate, cfg.link_delay, build.device_queue(cfg.queue_packets))
     host_devices, switch_devices, host_addresses = [], [], []
     for h in range(n_hosts):
         host_dev, switch_dev, address = build.connect(host_links, hosts.Get(h), switch.Get(0), cfg.queue_packets)
@@ -153,8 +153,8 @@ def build_leaf_spine(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
         stack.Install(group)
 
     build = _Builder(ns, cfg)
-    host_links = _Links(ns, cfg.link_rate_bps, cfg.link_delay_s, build.device_queue(cfg.queue_packets))
-    fabric_links = _Links(ns, cfg.fabric_link_rate_bps, cfg.fabric_link_delay_s, build.device_queue(cfg.fabric_queue_packets))
+    host_links = _Links(ns, cfg.link_rate, cfg.link_delay, build.device_queue(cfg.queue_packets))
+    fabric_links = _Links(ns, cfg.fabric_link_rate, cfg.fabric_link_delay, build.device_queue(cfg.fabric_queue_packets))
     host_devices, switch_devices, host_addresses = [], [], []
     for h in range(n_hosts):
         host_dev, leaf_dev, address = build.connect(host_links, hosts.Get(h), leaves.Get(leaf_of_host[h]), cfg.queue_packets)

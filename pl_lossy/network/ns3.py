@@ -25,7 +25,9 @@ class Ns3Network(NetworkModel):
     by the bridge itself if this process dies. Give ``endpoint`` (``ipc://...`` or ``tcp://host:port``)
     to use a bridge you run yourself. Only rank 0 talks to the bridge.
 
-    Settings (see :class:`ns3_bridge.sim.config.NetworkConfig`): ``topology`` (``star`` or
+    Every keyword besides the transport, bridge and speed ones below is a network setting: a field of
+    :class:`ns3_bridge.sim.config.NetworkConfig` (an unknown name is refused, naming the known ones):
+    ``topology`` (``star`` or
     ``leaf_spine`` with ``hosts_per_leaf``, ``n_spines``, ``fabric_link_rate``, ``fabric_link_delay``,
     ``fabric_queue_packets``, ``placement`` = ``packed``/``spread``/a list of each host's leaf), ``link_rate``
     (``"10Gbps"`` or bits/s), ``link_delay`` (``"10us"`` or seconds), ``loss_rate`` (error model ``rate``),
@@ -58,77 +60,16 @@ class Ns3Network(NetworkModel):
 
     def __init__(
         self,
-        topology: str = "star",
-        link_rate: Any = "10Gbps",
-        link_delay: Any = "10us",
-        loss_rate: float = 0.0,
-        queue_packets: int = 100,
-        queue_disc: str = "none",
-        error_model: str = "rate",
-        burst_rate: float = 0.0,
-        burst_packets: int = 10,
-        ge_p_good_to_bad: float = 0.001,
-        ge_p_bad_to_good: float = 0.1,
-        ge_loss_good: float = 0.0,
-        ge_loss_bad: float = 1.0,
-        hosts_per_leaf: int = 4,
-        n_spines: int = 2,
-        fabric_link_rate: Any = None,
-        fabric_link_delay: Any = None,
-        fabric_queue_packets: Optional[int] = None,
-        placement: Any = "packed",
-        background_load: float = 0.0,
-        background_flow_sizes: str = "web_search",
-        background_size_scale: float = 1.0,
-        background_hosts: int = 0,
-        background_window: Any = None,
-        learning_class: bool = False,
-        learning_queue_packets: Optional[int] = None,
-        seed: int = 0,
+        transport: str = "udp",
         endpoint: Optional[str] = None,
         timeout_s: float = 120.0,
         startup_timeout_s: float = 300.0,
         sim_workers: int = 1,
         run_ahead: int = 0,
-        transport: str = "udp",
-        tcp_variant: str = "cubic",
-        tcp_sack: bool = False,
-        tcp_min_rto: Any = "1ms",
-        tcp_conn_timeout: Any = "3ms",
+        **settings: Any,
     ) -> None:
-        self.config = NetworkConfig(
-            topology=topology,
-            link_rate_bps=link_rate,
-            link_delay_s=link_delay,
-            queue_packets=queue_packets,
-            queue_disc=queue_disc,
-            error_model=error_model,
-            loss_rate=loss_rate,
-            burst_rate=burst_rate,
-            burst_packets=burst_packets,
-            ge_p_good_to_bad=ge_p_good_to_bad,
-            ge_p_bad_to_good=ge_p_bad_to_good,
-            ge_loss_good=ge_loss_good,
-            ge_loss_bad=ge_loss_bad,
-            hosts_per_leaf=hosts_per_leaf,
-            n_spines=n_spines,
-            fabric_link_rate_bps=fabric_link_rate,
-            fabric_link_delay_s=fabric_link_delay,
-            fabric_queue_packets=fabric_queue_packets,
-            placement=placement,
-            tcp_variant=tcp_variant,
-            tcp_sack=tcp_sack,
-            tcp_min_rto_s=tcp_min_rto,
-            tcp_conn_timeout_s=tcp_conn_timeout,
-            background_load=background_load,
-            background_flow_sizes=background_flow_sizes,
-            background_size_scale=background_size_scale,
-            background_hosts=background_hosts,
-            background_window_s=background_window,
-            learning_class=learning_class,
-            learning_queue_packets=learning_queue_packets,
-            seed=seed,
-        )
+        # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
+        self.config = NetworkConfig.from_dict(settings)
         if transport not in TRANSPORTS:
             raise ValueError(
                 f"transport must be 'udp' (lossy, RPS), 'tcp' (the reliable baseline) or 'none' (no training "
@@ -232,6 +173,6 @@ class Ns3Network(NetworkModel):
         tenants = f", background load {c.background_load:g}" if c.background_load else ""
         tenants += ", learning class" if c.learning_class else ""
         return (
-            f"ns-3 {self.transport.upper()} over {fabric}({c.link_rate_bps / 1e9:g} Gb/s, {c.link_delay_s * 1e6:g} us, {loss}, "
+            f"ns-3 {self.transport.upper()} over {fabric}({c.link_rate / 1e9:g} Gb/s, {c.link_delay * 1e6:g} us, {loss}, "
             f"queue {c.queue_packets} pkts{tenants}, seed {c.seed}) via {where}"
         )
