@@ -35,7 +35,7 @@ def _worker(rank, world, args, port, results):
         params = [torch.randn(int(numel))]
         plain = torch.randn(int(numel))
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        ex = RPSExchange(params, rank, world, world, packet_bytes=args.packet_bytes)
+        ex = RPSExchange.for_params(params, rank, world, world, packet_bytes=args.packet_bytes)
         lay = ex.layout
         for drop in args.drops:
             net = BernoulliNetwork(drop_rate=drop, seed=0)

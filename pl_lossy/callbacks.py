@@ -20,53 +20,53 @@ def _lossy_strategy(trainer: "pl.Trainer"):
 
 
 class LossyPSMetrics(Callback):
-    """Logs each round as ``net/*`` step metrics (any Lightning logger) and shows ``net/sim_s`` and
-    ``net/drop`` in the progress bar.
+    """Logs every round's ``net/*`` values to every logger (whatever ``log_every_n_steps`` says: one row
+    per round, ``step`` = the round index) and shows ``net/sim_s`` and ``net/drop`` in the progress bar.
 
     ``net/delivered_up`` / ``net/delivered_down``: fraction of the round's network packets that arrived
     per phase (a co-located worker's own block does not cross the network and is not counted);
     ``net/up_time_s``, ``net/down_time_s``, ``net/comm_time_s``: simulated phase times; ``net/compute_time_s``:
-    the slowest rank's compute time (or the configured one); ``net/sim_time_s``: the simulated clock;
-    ``net/divergence``: RMS distance of the replicas from their mean, relative to the mean's norm
+    the slowest process's compute time (or the configured one); ``net/sim_time_s``: the simulated clock;
+    ``net/divergence``: RMS distance of the workers' replicas from their mean, relative to the mean's norm
     (every ``divergence_every`` rounds); ``net/<stat>``: counters the network reports (e.g. drops by cause).
+    The last round's values are also in ``trainer.callback_metrics``.
     """
 
-    def __init__(self) -> None:
-        self._logged_round = -1
+    def on_round_end(self, trainer: "pl.Trainer", strategy) -> None:
+        """Called by the strategy after every round (also several per batch with manual optimization)."""
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        rec = strategy.last_round
+        metrics = _round_metrics(rec)
+        metrics.update({f"net/{k}": float(v) for k, v in rec.stats.items()})
+        if strategy.divergence_every and strategy.last_divergence is not None and strategy.round % strategy.divergence_every == 0:
+            metrics["net/divergence"] = strategy.last_divergence
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=rec.round)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
         strategy = _lossy_strategy(trainer)
-        if strategy is None or strategy.last_round is None or strategy.last_round.round == self._logged_round:
-            return  # no round since the last batch (gradient accumulation)
+        if strategy is None or strategy.last_round is None:
+            return
         rec = strategy.last_round
-        self._logged_round = rec.round
-        log = dict(on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        log = dict(on_step=True, on_epoch=False, sync_dist=False, batch_size=1, logger=False)
         drop = 1.0 - 0.5 * (rec.delivered_up + rec.delivered_down)
-        pl_module.log("net/sim_s", rec.sim_time_s, prog_bar=True, logger=False, **log)
-        pl_module.log("net/drop", drop, prog_bar=True, logger=False, **log)
-        metrics = {
-            "net/round": float(rec.round),
-            "net/delivered_up": rec.delivered_up,
-            "net/delivered_down": rec.delivered_down,
-            "net/up_time_s": rec.up_time_s,
-            "net/down_time_s": rec.down_time_s,
-            "net/comm_time_s": rec.comm_time_s,
-            "net/compute_time_s": rec.compute_time_s,
-            "net/sim_time_s": rec.sim_time_s,
-        }
-        if trainer.is_global_zero:
-            metrics.update({f"net/{k}": float(v) for k, v in rec.stats.items()})
-        pl_module.log_dict(metrics, **log)
-        if strategy.divergence_every and strategy.last_divergence is not None and strategy.round % strategy.divergence_every == 0:
-            # straight to the loggers: a value logged through pl_module.log would repeat on every later step of the epoch
-            for logger in trainer.loggers if trainer.is_global_zero else ():
-                logger.log_metrics({"net/divergence": strategy.last_divergence}, step=trainer.global_step)
+        pl_module.log("net/sim_s", rec.sim_time_s, prog_bar=True, **log)
+        pl_module.log("net/drop", drop, prog_bar=True, **log)
+        pl_module.log_dict(_round_metrics(rec), **log)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"logged_round": self._logged_round}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._logged_round = state_dict.get("logged_round", -1)
+def _round_metrics(rec) -> dict[str, float]:
+    return {
+        "net/round": float(rec.round),
+        "net/delivered_up": rec.delivered_up,
+        "net/delivered_down": rec.delivered_down,
+        "net/up_time_s": rec.up_time_s,
+        "net/down_time_s": rec.down_time_s,
+        "net/comm_time_s": rec.comm_time_s,
+        "net/compute_time_s": rec.compute_time_s,
+        "net/sim_time_s": rec.sim_time_s,
+    }
 
 
 def _number(value: Any) -> Optional[float]:
@@ -81,7 +81,7 @@ class RunSummary(Callback):
     """Writes ``summary.json`` (rank 0, at the end of fit): final validation metrics, steps, the
     network's delivered fractions and simulated times, wall time, and the config it is given.
 
-    Keys: ``val_acc``, ``val_loss``, ``steps``, ``delivered_up``, ``delivered_down`` (means over rounds),
+    Keys: ``val_acc``, ``val_loss``, ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
     ``sim_time_s``, ``comm_time_s``, ``compute_time_s``, ``wall_time_s`` (from this callback's creation),
     ``config``.
     """
@@ -108,6 +108,9 @@ class RunSummary(Callback):
         if strategy is not None:
             clock = strategy.clock
             out.update(
+                n_workers=strategy.n_workers,
+                workers_per_device=strategy.workers_per_device,
+                batching=strategy.replicas.mode if strategy.replicas is not None and strategy.workers_per_device > 1 else None,
                 rounds=clock.rounds,
                 delivered_up=clock.delivered_up,
                 delivered_down=clock.delivered_down,

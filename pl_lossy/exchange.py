@@ -1,19 +1,29 @@
-"""One rank's side of the RPS exchange: the model in one flat buffer, one all_reduce per round.
+"""One process's side of the RPS exchange: its workers' models in one storage, one all_reduce per round.
 
-The parameters live as views of a flat buffer padded to ``[S, P, E]`` (see :class:`~pl_lossy.rps.PacketLayout`),
-so a round works on the model in place:
+The storage holds the ``k`` workers of this process as rows of the packet layout ``[k, S, P, E]`` (see
+:class:`~pl_lossy.rps.PacketLayout` and :class:`~pl_lossy.replicas.WorkerReplicas`), followed by one
+*side slot* per process: a process writes a scalar (its compute time) into its own slot and the round's
+all_reduce hands every process everyone's value, so no extra collective is needed.
 
-1. copy aside the few packets whose averaged value will not reach this worker (sparse);
-2. scale every packet by its uplink weight ``w = up[i] / c`` (the only dense pass besides the
-   all_reduce; in place, which costs about half an out-of-place copy);
+A round, given the global masks (every process knows them):
+
+1. copy aside the few packets whose averaged value will not reach a worker here (sparse);
+2. this process's contribution to every server: ``send = sum_j v_j * w_j`` with the uplink weights
+   ``w_j = up[j] / c`` per packet (the only dense pass besides the all_reduce);
 3. all_reduce (sum): every packet now holds its server's average;
-4. put the packets copied aside back (keep-own, sparse).
+4. every worker takes the averages, then the packets copied aside are put back (keep-own, sparse).
 
-Nothing the size of the model is allocated per round: the extra memory is a scratch that grows to
-the largest number of lost packets seen, plus, with dedicated servers, their previous blocks (one
-model copy). Each buffer ends in one slot per rank (``side``): a rank writes a scalar (its compute
-time) into its own slot and the same all_reduce hands every rank everyone's value, so no extra
-collective is needed.
+Two ways to do 2-4, the same math (:func:`pl_lossy.rps.rps_round`):
+
+- *in place* (one fp32 worker per process, the common case): ``v *= w`` on the parameters'
+  own storage, then the all_reduce of that storage. Nothing model-sized is allocated.
+- *wire buffer* (several workers per process, or parameters in bf16/fp16): ``send`` is an fp32
+  buffer the size of one model, summed over the ``k`` workers, all_reduced, then copied into every
+  worker. Packets carry fp32 whatever the parameters' dtype, so weights, sums and averages are fp32:
+  averaging identical bf16 replicas leaves them unchanged.
+
+On CUDA nothing in a round waits for the device: masks, weights and packet indices are built on the
+host and sent with non-blocking copies from pinned memory.
 """
 
 from __future__ import annotations
@@ -32,67 +42,90 @@ DIVERGENCE_CHUNK = 1 << 20
 
 
 class RPSExchange:
+    """The exchange of process ``process_rank`` (of ``n_processes``) hosting ``workers_per_process``
+    workers ``process_rank * k ... + k - 1`` over ``storage`` (1-D: ``k`` rows of ``layout.padded_numel``,
+    then ``n_processes`` side slots)."""
+
     def __init__(
         self,
-        params: Sequence[Tensor],
-        rank: int,
-        n_workers: int,
-        n_servers: int,
-        packet_bytes: int = 1400,
+        storage: Tensor,
+        layout: rps.PacketLayout,
+        process_rank: int,
+        n_processes: int,
+        workers_per_process: int = 1,
         colocated_servers: bool = True,
     ) -> None:
+        k = workers_per_process
+        if storage.dim() != 1 or storage.numel() != k * layout.padded_numel + n_processes:
+            raise ValueError(f"storage must be 1-D of {k} x {layout.padded_numel} + {n_processes} elements, got {tuple(storage.shape)}")
+        self.n_workers = n_processes * k
+        if colocated_servers and layout.n_servers > self.n_workers:
+            raise ValueError(f"num_servers={layout.n_servers} co-located servers need as many workers; there are {self.n_workers}")
+        self.storage, self.layout, self.k = storage, layout, k
+        self.process_rank, self.n_processes = process_rank, n_processes
+        self.first_worker = process_rank * k
+        self.colocated_servers = colocated_servers
+        dtype, device = storage.dtype, storage.device
+        self.in_place = k == 1 and dtype == torch.float32
+        # one worker, its own server: nothing crosses the network and the round changes nothing
+        self.identity = self.n_workers == 1 and colocated_servers
+        n = layout.padded_numel
+        self._wire = None if self.in_place or self.identity else torch.zeros(n + n_processes, dtype=torch.float32, device=device)
+        self.server_blocks = None if colocated_servers else self.blocks()[0].float().clone()
+        self._weights = torch.empty((k, *layout.shape[:2]), dtype=torch.float32)  # CPU: computed from CPU masks
+        self._kept = torch.empty(0, layout.elems_per_packet, dtype=dtype, device=device)
+        self._spare: Tensor | None = None
+
+    @classmethod
+    def for_params(
+        cls, params: Sequence[Tensor], rank: int, n_workers: int, n_servers: int,
+        packet_bytes: int = 1400, colocated_servers: bool = True,
+    ) -> "RPSExchange":
+        """One worker per process over plain tensors: lays them out in a new storage and makes them its views."""
         params = list(params)
-        if not params:
-            raise ValueError("the model has no trainable parameters to exchange")
         dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"RPS exchanges one floating-point dtype; the parameters have {sorted(map(str, dtypes))}")
-        if len(devices) != 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
-        if colocated_servers and n_servers > n_workers:
-            raise ValueError(f"num_servers={n_servers} co-located servers need as many workers; there are {n_workers}")
-        self.rank, self.n_workers, self.colocated_servers = rank, n_workers, colocated_servers
-        self.params = params
-        numel = sum(p.numel() for p in params)
-        self.layout = rps.PacketLayout.for_model(numel, n_servers, packet_bytes)
-        dtype, device = params[0].dtype, params[0].device
-        n = self.layout.padded_numel
-        self._flat = torch.zeros(n + n_workers, dtype=dtype, device=device)
+        layout = rps.PacketLayout.for_model(sum(p.numel() for p in params), n_servers, packet_bytes)
+        storage = torch.zeros(layout.padded_numel + n_workers, dtype=params[0].dtype, device=params[0].device)
         offset = 0
         with torch.no_grad():
             for p in params:
-                view = self._flat[offset : offset + p.numel()].view_as(p)
+                view = storage[offset : offset + p.numel()].view_as(p)
                 view.copy_(p)
                 p.data = view
                 offset += p.numel()
-        self.server_blocks = None if colocated_servers else self.blocks().clone()
-        self._weights = torch.empty(self.layout.shape[:2], dtype=dtype)  # CPU: computed from CPU masks
-        self._kept = torch.empty(0, self.layout.elems_per_packet, dtype=dtype, device=device)
-        self._spare: Tensor | None = None
+        return cls(storage, layout, rank, n_workers, 1, colocated_servers)
 
     def blocks(self) -> Tensor:
-        """The parameters' storage as ``[S, P, E]``."""
-        return self._flat[: self.layout.padded_numel].view(self.layout.shape)
+        """This process's workers' models as ``[k, S, P, E]`` (views of the storage)."""
+        return self.storage[: self.k * self.layout.padded_numel].view(self.k, *self.layout.shape)
 
-    @property
-    def flat(self) -> Tensor:
-        """The parameters' flat storage (padding and side slots included)."""
-        return self._flat
+    def side(self) -> Tensor:
+        """The side slots after a round: every process's value."""
+        buffer = self.storage if self._wire is None else self._wire
+        return buffer[buffer.numel() - self.n_processes :]
 
     def extra_bytes(self) -> int:
         """Memory the exchange holds beyond the parameters themselves."""
-        extra = (self._flat.numel() - self.layout.numel) * self._flat.element_size()
-        for t in (self.server_blocks, self._kept, self._spare):
+        extra = (self.storage.numel() - self.k * self.layout.numel) * self.storage.element_size()
+        for t in (self.server_blocks, self._kept, self._spare, self._wire):
             if t is not None:
                 extra += t.numel() * t.element_size()
         return extra
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        device = self.storage.device
+        if device.type == "cpu":
+            return t
+        # pinned copies come from torch's caching host allocator, which reuses a block only after its copy is done
+        return t.pin_memory().to(device, non_blocking=True)
 
     def _keep_aside(self, packets: Tensor) -> Tensor:
         k = packets.numel()
         if k > self._kept.shape[0]:  # grows to the most packets ever lost in one round, then stays
             self._kept = torch.empty(max(k, 2 * self._kept.shape[0]), self.layout.elems_per_packet,
-                                     dtype=self._flat.dtype, device=self._flat.device)
+                                     dtype=self.storage.dtype, device=self.storage.device)
         kept = self._kept[:k]
         torch.index_select(self.blocks().view(-1, self.layout.elems_per_packet), 0, packets, out=kept)
         return kept
@@ -101,46 +134,63 @@ class RPSExchange:
     def step(self, up: Tensor, down: Tensor, all_reduce: AllReduce, side_value: float = 0.0) -> Tensor:
         """Run one round given the global masks (bool CPU tensors ``[W, S, P]`` and ``[S, W, P]``).
 
-        ``all_reduce`` must sum a tensor in place over all ranks. Returns the ``[W]`` side values
-        (``side_value`` of every rank).
+        ``all_reduce`` must sum a tensor in place over all processes. Returns the ``[n_processes]`` side
+        values (``side_value`` of every process), on the storage's device.
         """
+        if self.identity:
+            side = self.side()
+            side.fill_(side_value)
+            return side
+        first, k, E = self.first_worker, self.k, self.layout.elems_per_packet
         blocks = self.blocks()
-        device = blocks.device
-        lost = rps.lost_packets(down[:, self.rank]).to(device)
-        kept = self._keep_aside(lost)
+        lost_cpu = rps.lost_packets(down[:, first : first + k].transpose(0, 1))
+        lost = self._to_device(lost_cpu)
+        kept = self._keep_aside(lost) if lost_cpu.numel() else None
         counts = rps.server_counts(up)
-        weights = rps.uplink_weights(up[self.rank], counts, self._weights)
-        rps.scale_blocks_(blocks, weights.to(device, non_blocking=True))
-        side = self._flat[self.layout.padded_numel :]
+        weights = self._to_device(rps.uplink_weights(up[first : first + k], counts, self._weights))
+        silent = None if self.server_blocks is None else self._to_device(rps.silent_packets(counts))
+        if self.in_place:
+            rps.scale_blocks_(blocks[0], weights[0].to(blocks.dtype))
+            send, buffer = blocks[0], self.storage
+        else:
+            buffer = self._wire
+            send = buffer[: self.layout.padded_numel].view(self.layout.shape)
+            torch.mul(blocks[0], weights[0].unsqueeze(-1), out=send)
+            for j in range(1, k):
+                send.addcmul_(blocks[j], weights[j].unsqueeze(-1))
+        side = buffer[buffer.numel() - self.n_processes :]
         side.zero_()
-        side[self.rank] = side_value
-        all_reduce(self._flat)
+        side[self.process_rank] = side_value
+        all_reduce(buffer)
         if self.server_blocks is not None:
-            rps.copy_packets(blocks, self.server_blocks, rps.silent_packets(counts).to(device))
-            self.server_blocks.copy_(blocks)
-        if lost.numel():
-            blocks.view(-1, self.layout.elems_per_packet).index_copy_(0, lost, kept)
+            rps.copy_packets(send, self.server_blocks.to(send.dtype), silent)
+            self.server_blocks.copy_(send)
+        if not self.in_place:
+            blocks.copy_(send.expand_as(blocks))
+        if kept is not None:
+            blocks.view(-1, E).index_copy_(0, lost, kept)
         return side
 
     @torch.no_grad()
     def divergence(self, all_reduce: AllReduce) -> tuple[float, float]:
-        """Replicas' spread: ``(rms_i ||v_i - mean||, ||mean||)``, in chunks through a small scratch."""
-        own = self._flat[: self.layout.numel]
+        """Replicas' spread over all workers: ``(rms_w ||v_w - mean||, ||mean||)``, in chunks through a small scratch."""
+        rows = self.storage[: self.k * self.layout.padded_numel].view(self.k, -1)[:, : self.layout.numel]
+        numel = rows.shape[1]
         if self._spare is None:
-            self._spare = torch.empty(min(DIVERGENCE_CHUNK, own.numel()), dtype=own.dtype, device=own.device)
-        sums = torch.zeros(2, dtype=torch.float64, device=own.device)  # ||mean||^2, ||v_i - mean||^2
-        for start in range(0, own.numel(), self._spare.numel()):
-            chunk = own[start : start + self._spare.numel()]
-            spare = self._spare[: chunk.numel()]
-            spare.copy_(chunk)
+            self._spare = torch.empty(min(DIVERGENCE_CHUNK, numel), dtype=torch.float32, device=rows.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=rows.device)  # ||mean||^2, sum_w ||v_w - mean||^2
+        for start in range(0, numel, self._spare.numel()):
+            chunk = rows[:, start : start + self._spare.numel()]
+            spare = self._spare[: chunk.shape[1]]
+            torch.sum(chunk, dim=0, dtype=torch.float32, out=spare)
             all_reduce(spare)
             spare.div_(self.n_workers)
             sums[0] += spare.double().square().sum()
-            spare.sub_(chunk)
-            sums[1] += spare.double().square().sum()
+            sums[1] += (chunk.double() - spare.double()).square().sum()
         spread = sums[1:].clone()
         all_reduce(spread)
         return float(spread.div_(self.n_workers).sqrt_()), float(sums[0].sqrt())
+
     def state_dict(self) -> dict:
         return {"server_blocks": None if self.server_blocks is None else self.server_blocks.cpu().clone()}
 

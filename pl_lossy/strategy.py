@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -11,14 +12,20 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.optimizer import _optimizers_to_device
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import checkpointing
 from .exchange import RPSExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
+from .replicas import BATCHING, WorkerReplicas
+from .rps import PacketLayout
+from .sharding import shard_dataloader
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +90,23 @@ class LossyPSStrategy(DDPStrategy):
     Args:
         network: where each round's outcome comes from (default: ``Ns3Network(loss_rate=0.01)``, a
             packet-level ns-3 simulation of a 10 Gb/s star, started by rank 0 on the first round).
+        workers_per_device: RPS workers (replicas) each process trains; ``W = processes x k`` workers in
+            all. Each has its own parameters, buffers and optimizer state, trains on its own shard of
+            the process's batch (the loader's ``batch_size`` rows each: the per-worker batch) and is one
+            host of the network. See :mod:`pl_lossy.replicas` and :mod:`pl_lossy.sharding`.
+        batching: how ``k > 1`` workers run a step: ``"vmap"`` (one ``torch.func.vmap`` call for all),
+            ``"loop"`` (one after another; always correct), ``"auto"`` (vmap, falling back to the loop,
+            logged, if the step cannot be batched).
         packet_bytes: payload bytes per packet (fp32 elements: ``packet_bytes / 4`` per packet at most).
         num_servers: parameter servers; default one per worker.
         colocated_servers: server j runs on worker j (the paper's setting). If False the servers are
             dedicated hosts: a server that receives none of a packet's copies resends its previous value.
         sync_buffers: module buffers (BatchNorm statistics) are not sent through the lossy network;
-            after each round they are made equal reliably: ``"broadcast"`` rank 0's (as DDP does),
-            ``"average"`` the mean of floating-point buffers (others from rank 0), ``"none"`` kept local.
-        compute_time_s: simulated compute time per round; ``None`` measures it (the slowest rank's time
-            from its first training step after a round to the start of the next round).
+            after each round they are made equal reliably: ``"broadcast"`` worker 0's (as DDP does),
+            ``"average"`` the mean of floating-point buffers over workers (others worker 0's), ``"none"`` kept per worker.
+        compute_time_s: simulated compute time per round; ``None`` measures it (the slowest process's time
+            from its first training step after a round to the start of the next round; on CUDA this
+            reads a value back from the device every round).
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
         record_trace: path of an ``.npz`` to which rank 0 records every round's outcome (replay it with
@@ -106,6 +121,8 @@ class LossyPSStrategy(DDPStrategy):
     def __init__(
         self,
         network: Optional[NetworkModel] = None,
+        workers_per_device: int = 1,
+        batching: Literal["auto", "vmap", "loop"] = "auto",
         packet_bytes: int = 1400,
         num_servers: Optional[int] = None,
         colocated_servers: bool = True,
@@ -119,6 +136,10 @@ class LossyPSStrategy(DDPStrategy):
         super().__init__(**kwargs)
         if network is not None and not isinstance(network, NetworkModel):
             raise TypeError(f"network must be a pl_lossy.network.NetworkModel, got {type(network).__name__}")
+        if isinstance(workers_per_device, bool) or not isinstance(workers_per_device, int) or workers_per_device < 1:
+            raise ValueError(f"workers_per_device must be an integer >= 1, got {workers_per_device!r}")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         if packet_bytes < 4:
             raise ValueError(f"packet_bytes must be >= 4 (one fp32 element), got {packet_bytes}")
         if num_servers is not None and num_servers < 1:
@@ -132,6 +153,8 @@ class LossyPSStrategy(DDPStrategy):
         self.network = network if network is not None else Ns3Network(loss_rate=0.01)
         if record_trace:
             self.network = TraceRecorder(self.network, record_trace)
+        self.workers_per_device = workers_per_device
+        self.batching = batching
         self.packet_bytes = int(packet_bytes)
         self.num_servers = num_servers
         self.colocated_servers = colocated_servers
@@ -142,23 +165,56 @@ class LossyPSStrategy(DDPStrategy):
         self.clock = SimClock()
         self.last_round: Optional[RoundRecord] = None
         self.last_divergence: Optional[float] = None
+        self._replicas: Optional[WorkerReplicas] = None
+        self._replicas_of: Optional[int] = None  # id() of the module the replicas belong to
         self._exchange: Optional[RPSExchange] = None
         self._spec: Optional[RoundSpec] = None
         self._compute_start: Optional[float] = None
-        self._restored: Optional[dict] = None
+        self._clip_patched = False
+
+    @property
+    def n_workers(self) -> int:
+        """RPS workers in all: processes x ``workers_per_device``."""
+        return self.world_size * self.workers_per_device
+
+    @property
+    def first_worker(self) -> int:
+        """Index of this process's first worker (its workers are ``first_worker + j``, j < k)."""
+        return self.global_rank * self.workers_per_device
+
+    @property
+    def replicas(self) -> Optional[WorkerReplicas]:
+        return self._replicas
 
     def check_world_size(self, world_size: int) -> None:
-        """Raise ValueError if this strategy cannot run on ``world_size`` workers (checked before launch)."""
-        if self.colocated_servers and self.num_servers is not None and self.num_servers > world_size:
+        """Raise ValueError if this strategy cannot run on ``world_size`` processes (checked before launch)."""
+        n_workers = world_size * self.workers_per_device
+        if self.colocated_servers and self.num_servers is not None and self.num_servers > n_workers:
             raise ValueError(
-                f"num_servers={self.num_servers} co-located servers need at least as many workers; "
-                f"there are {world_size} (raise trainer.devices or set colocated_servers=false)"
+                f"num_servers={self.num_servers} co-located servers need at least as many workers; there are {n_workers} "
+                "(raise trainer.devices or strategy.workers_per_device, or set colocated_servers=false)"
             )
 
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: "pl.Trainer") -> None:
-        super().setup(trainer)  # moves the model, calls configure_ddp(), sets up optimizers
+        """DDPStrategy.setup without the DDP wrapper, and without resetting replicas trained by an earlier fit."""
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if fitting:
+            self.configure_ddp()
+            self.setup_optimizers(trainer)
+            self._adopt_optimizers()
+        else:
+            self._setup_replicas(fresh=False)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
         if self.log_metrics:
             from .callbacks import LossyPSMetrics
 
@@ -166,38 +222,102 @@ class LossyPSStrategy(DDPStrategy):
                 trainer.callbacks.append(LossyPSMetrics())
 
     def configure_ddp(self) -> None:
-        """Do not wrap the model: broadcast rank 0's initial state and lay the parameters out flat."""
+        """Do not wrap the model: broadcast rank 0's initial state, lay the workers out, start at round 0."""
         assert isinstance(self.model, pl.LightningModule)
-        _sync_module_states(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        n_servers = self.num_servers or self.world_size
+        if self.workers_per_device > 1 and not self.model.automatic_optimization:
+            raise ValueError(
+                "workers_per_device > 1 needs automatic optimization (one optimizer step of all workers per batch); "
+                "this LightningModule optimizes manually: use workers_per_device=1"
+            )
+        layout = self._setup_replicas(fresh=True)
+        n_servers = self.num_servers or self.n_workers
         self._exchange = RPSExchange(
-            params, self.global_rank, self.world_size, n_servers, self.packet_bytes, self.colocated_servers
+            self._replicas.storage, layout, self.global_rank, self.world_size, self.workers_per_device, self.colocated_servers
         )
-        layout = self._exchange.layout
         self._spec = RoundSpec(
             round=0,
-            n_workers=self.world_size,
+            n_workers=self.n_workers,
             n_servers=n_servers,
             packets_per_block=layout.packets_per_block,
             packet_bytes=layout.packet_bytes,
+            transport=self.network.transport,
             colocated_servers=self.colocated_servers,
         )
+        self.clock = SimClock()  # a fit starts at round 0; a checkpoint, restored after setup, may move it on
+        self.last_round = self.last_divergence = None
         if isinstance(self.network, TraceRecorder) and not self.is_global_zero:
             self.network = self.network.network  # only rank 0 records
-        if self._restored is not None:
-            self._apply_restored(self._restored)
-            self._restored = None
         rank_zero_info(
-            f"lossy_ps: {self.world_size} workers, {n_servers} {'co-located' if self.colocated_servers else 'dedicated'} "
-            f"servers, {layout.numel:,} parameters in blocks of {layout.packets_per_block} packets x "
-            f"{layout.packet_bytes} B; network {self.network.describe()}"
+            f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {n_servers} "
+            f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
+            f"{layout.packets_per_block} packets x {layout.packet_bytes} B; network {self.network.describe()}"
         )
+
+    def _setup_replicas(self, fresh: bool) -> PacketLayout:
+        """Lay this process's workers out in one storage (see :class:`~pl_lossy.replicas.WorkerReplicas`).
+
+        ``fresh``: from rank 0's module state (a fit). Otherwise (validate/test/predict) replicas an
+        earlier fit of this module left are kept, each rank its own, instead of Lightning's reset of
+        every rank to rank 0's; without them, rank 0's state is broadcast as DDP does.
+        """
+        module = self.lightning_module
+        n_servers = self.num_servers or self.n_workers
+        numel = sum(p.numel() for p in module.parameters() if p.dtype.is_floating_point)
+        layout = PacketLayout.for_model(numel, n_servers, self.packet_bytes)
+        reuse = (
+            not fresh and self._replicas is not None and self._replicas_of == id(module)
+            and self._replicas.k == self.workers_per_device and self._replicas.row_numel == layout.padded_numel
+        )
+        if reuse:
+            self._replicas.to(self.root_device, module)
+        else:
+            _sync_module_states(module)
+            self._replicas = WorkerReplicas(module, self.workers_per_device, layout.padded_numel, trailing=self.world_size)
+            self._replicas_of = id(module)
+        self._replicas.batching = self.batching
+        return layout
+
+    def _adopt_optimizers(self) -> None:
+        """With k > 1: optimizers step the stacked workers, and norm clipping is per worker."""
+        assert self._replicas is not None
+        if self.workers_per_device == 1:
+            return
+        self._replicas.adopt_optimizers(self.optimizers)
+        plugin, replicas = self.precision_plugin, self._replicas
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
+            replicas.clip_grad_norm_(list(plugin.main_params(optimizer)), float(clip_val))
+
+        # an instance attribute shadows the plugin's method (Lightning calls it on this object); removed in teardown
+        plugin.clip_grad_by_norm = clip_grad_by_norm
+        self._clip_patched = True
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """With k > 1 a process's batch is its k workers' batches (see :mod:`pl_lossy.sharding`)."""
+        if self.workers_per_device == 1:
+            return dataloader
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return shard_dataloader(dataloader, self.n_workers, self.global_rank, self.workers_per_device, seed)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._compute_start is None:
             self._compute_start = time.perf_counter()
-        return super().training_step(*args, **kwargs)
+        if self.workers_per_device == 1:
+            return super().training_step(*args, **kwargs)
+        with self.precision_plugin.train_step_context():
+            return self._replicas.run_step(self.lightning_module, "training_step", *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.workers_per_device == 1:
+            return super().validation_step(*args, **kwargs)
+        with self.precision_plugin.val_step_context():
+            return self._replicas.run_step(self.lightning_module, "validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.workers_per_device == 1:
+            return super().test_step(*args, **kwargs)
+        with self.precision_plugin.test_step_context():
+            return self._replicas.run_step(self.lightning_module, "test_step", *args, **kwargs)
 
     def optimizer_step(
         self,
@@ -214,7 +334,12 @@ class LossyPSStrategy(DDPStrategy):
     def teardown(self) -> None:
         if self.network is not None and self.is_global_zero:
             self.network.close()
-        self._exchange = None  # its scratch buffers go; the parameters keep their flat storage
+        self._exchange = None  # its scratch buffers go; the replicas stay (a later validate/test evaluates them)
+        if self._clip_patched:
+            del self.precision_plugin.clip_grad_by_norm
+            self._clip_patched = False
+        if self._replicas is not None and self.lightning_module is not None and self._replicas_of == id(self.lightning_module):
+            self._replicas.to(torch.device("cpu"), self.lightning_module)  # all workers, not just the module's worker 0
         super().teardown()
 
     # ------------------------------------------------------------------ the round
@@ -235,6 +360,7 @@ class LossyPSStrategy(DDPStrategy):
         up = torch.from_numpy(outcome.up)
         down = torch.from_numpy(outcome.down)
         side = self._exchange.step(up, down, self._all_reduce_sum, side_value=compute)
+        # measured compute is the slowest process's: reading it waits for the device, a fixed one does not
         compute_s = float(side.max()) if self.compute_time_s is None else self.compute_time_s
         self._sync_buffers()
         delivered = outcome.delivered_fractions(spec)
@@ -248,6 +374,12 @@ class LossyPSStrategy(DDPStrategy):
         if self.is_global_zero and not self.network.same_on_every_rank:
             self.network.prefetch([self.round_spec(spec.round + 1)])
         self._compute_start = None
+        if self.lightning_module is not None and self.lightning_module._trainer is not None:
+            from .callbacks import LossyPSMetrics
+
+            for cb in self.lightning_module.trainer.callbacks:
+                if isinstance(cb, LossyPSMetrics):
+                    cb.on_round_end(self.lightning_module.trainer, self)
         return self.last_round
 
     def _obtain_outcome(self, spec: RoundSpec) -> RoundOutcome:
@@ -290,50 +422,97 @@ class LossyPSStrategy(DDPStrategy):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def _sync_buffers(self) -> None:
-        """Make module buffers equal on every rank, reliably (one collective per buffer dtype)."""
-        if self.sync_buffers == "none" or self.world_size == 1:
+        """Make module buffers equal over all workers, reliably (one collective per buffer dtype)."""
+        if self.sync_buffers == "none" or self.n_workers == 1:
             return
-        assert self.lightning_module is not None
-        buffers = [b for b in self.lightning_module.buffers() if b.numel()]
+        assert self._replicas is not None and self.lightning_module is not None
+        k = self.workers_per_device
+        buffers = self._replicas.all_buffers(self.lightning_module)  # each [k, ...]
         for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
             group = [b for b in buffers if b.dtype == dtype]
-            flat = torch.cat([b.reshape(-1) for b in group])
+            flat = torch.cat([b.reshape(k, -1) for b in group], dim=1)
             if self.sync_buffers == "average" and dtype.is_floating_point:
-                dist.all_reduce(flat)
-                flat.div_(self.world_size)
+                synced = flat.sum(0)
+                self._all_reduce_sum(synced)
+                synced.div_(self.n_workers)
             else:
-                dist.broadcast(flat, src=0)
-            for b, synced in zip(group, flat.split([b.numel() for b in group])):
-                b.copy_(synced.view_as(b))
+                synced = flat[0].clone()
+                if self.world_size > 1:
+                    dist.broadcast(synced, src=0)
+            for b, part in zip(group, synced.split([b[0].numel() for b in group])):
+                b.copy_(part.view_as(b[0]).expand_as(b))
 
     # ------------------------------------------------------------------ checkpoints
 
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the workers' storage exists before a checkpoint is poured into it
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must carry so that a resumed run continues the same drop sequence."""
-        return {
+        """What a checkpoint carries besides Lightning's own: the clock, dedicated servers' blocks, and
+        every worker's parameters, buffers and optimizer state (gathered from every process: a collective)."""
+        state: dict[str, Any] = {
             "clock": asdict(self.clock),
             "exchange": self._exchange.state_dict() if self._exchange is not None else {},
+            "n_workers": self.n_workers,
+            "workers_per_device": self.workers_per_device,
         }
+        if self._replicas is not None:
+            mine = checkpointing.process_workers(self._replicas, self.optimizers, self.lightning_module)
+            everyone = [None] * self.world_size
+            if self.world_size > 1:
+                dist.all_gather_object(everyone, mine)
+            else:
+                everyone = [mine]
+            state["workers"] = checkpointing.merge_processes(everyone)
+        return state
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        # The model state in `checkpoint` is rank 0's replica (under drops replicas differ).
+        # Lightning's `state_dict` and `optimizer_states` are worker 0's (rank 0's); every worker's are under `lossy_ps`
         checkpoint[CHECKPOINT_KEY] = self.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is not None:
-            if self._exchange is None:
-                self._restored = state  # applied once the exchange is built in configure_ddp()
-            else:
-                self._apply_restored(state)
-        return checkpoint
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Worker 0's replica into the module, then every worker of this process its own (or worker 0's,
+        from a checkpoint without per-worker state or with another worker count); the clock when fitting."""
+        super().load_model_state_dict(checkpoint, strict=strict)
+        state = checkpoint.get(CHECKPOINT_KEY) or {}
+        replicas, module = self._replicas, self.lightning_module
+        if replicas is not None:
+            workers = self._own_workers(state)
+            if workers is not None:
+                replicas.load_worker_state(workers["params"], workers["buffers"], module)
+            elif replicas.k > 1:
+                replicas.load_worker_state(*checkpointing.worker_zero_everywhere(replicas, module), module)
+        if state and module.trainer.state.fn == TrainerFn.FITTING:
+            self.clock = SimClock(**state["clock"])
+            if self._exchange is not None and state.get("exchange"):
+                self._exchange.load_state_dict(state["exchange"])
 
-    def _apply_restored(self, state: Mapping[str, Any]) -> None:
-        self.clock = SimClock(**state["clock"])
-        if self._exchange is not None and state.get("exchange"):
-            self._exchange.load_state_dict(state["exchange"])
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        workers = self._own_workers(checkpoint.get(CHECKPOINT_KEY) or {})
+        if workers is not None and workers["optimizers"]:
+            per_optimizer = workers["optimizers"]
+        elif self.workers_per_device > 1:  # only worker 0's (rank 0's): every worker starts from it
+            per_optimizer = [[s] * self.workers_per_device for s in checkpoint["optimizer_states"]]
+        else:
+            return super().load_optimizer_state_dict(checkpoint)
+        for optimizer, states in zip(self.optimizers, per_optimizer):
+            optimizer.load_state_dict(checkpointing.stack_optimizer_state(optimizer, states))
+            _optimizers_to_device([optimizer], self.root_device)
+
+    def _own_workers(self, state: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """This process's workers' slice of a checkpoint's per-worker state (None if it has none that fits)."""
+        workers = state.get("workers")
+        if workers is None:
+            return None
+        if state.get("n_workers") != self.n_workers:
+            rank_zero_warn(
+                f"lossy_ps: the checkpoint holds {state.get('n_workers')} workers' replicas, this run has {self.n_workers}: "
+                "every worker resumes from worker 0's replica"
+            )
+            return None
+        return checkpointing.select_workers(workers, self.first_worker, self.workers_per_device)
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

@@ -66,11 +66,11 @@ class RecordingLossyPS(LossyPSStrategy):
         self.rounds = []
 
     def exchange_round(self):
-        before = self._exchange.flat.clone()
+        before = self._exchange.storage.clone()
         record = super().exchange_round()
         spec = self.round_spec(record.round)
         down = self.network.outcome(spec).down
-        self.rounds.append((before, self._exchange.flat.clone(), down))
+        self.rounds.append((before, self._exchange.storage.clone(), down))
         return record
 
     def teardown(self):
@@ -90,3 +90,20 @@ def load_rounds(directory, n):
 def trace_masks(path):
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
+
+
+class SaveWorkers(pl.Callback):
+    """Each process saves its workers' replicas (``WorkerReplicas.worker_state``) to ``dir/workers{rank}.pt``."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(trainer.strategy.replicas.worker_state(pl_module), self.dir / f"workers{trainer.global_rank}.pt")
+
+    def load(self, n_processes):
+        """All workers' parameters ``[W, numel]`` and buffers ``{name: [W, ...]}``, in worker order."""
+        states = [torch.load(self.dir / f"workers{r}.pt") for r in range(n_processes)]
+        params = torch.cat([s["params"] for s in states])
+        buffers = {name: torch.cat([s["buffers"][name] for s in states]) for name in states[0]["buffers"]}
+        return params, buffers

@@ -141,10 +141,10 @@ def test_exchange_buffers_match_rps_round(colocated):
     W, S = 3, 2
     torch.manual_seed(0)
     models = [[torch.randn(7, 5), torch.randn(13)] for _ in range(W)]
-    exchanges = [RPSExchange(models[r], r, W, S, packet_bytes=12, colocated_servers=colocated) for r in range(W)]
+    exchanges = [RPSExchange.for_params(models[r], r, W, S, packet_bytes=12, colocated_servers=colocated) for r in range(W)]
     layout = exchanges[0].layout
     reducers = _threaded_all_reduce(W)
-    reference = torch.stack([ex.blocks().double() for ex in exchanges])
+    reference = torch.stack([ex.blocks()[0].double() for ex in exchanges])
     server_state = None if colocated else reference[0].clone()
     rng = np.random.default_rng(1)
     for rnd in range(3):
@@ -162,7 +162,7 @@ def test_exchange_buffers_match_rps_round(colocated):
         [t.join() for t in threads]
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         for r in range(W):
-            torch.testing.assert_close(exchanges[r].blocks().double(), reference[r], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(exchanges[r].blocks()[0].double(), reference[r], rtol=1e-6, atol=1e-6)
             assert sides[r].tolist() == [1.0, 2.0, 3.0]
             # the parameters are views of the exchanged storage
             flat = torch.cat([p.reshape(-1) for p in models[r]])
@@ -171,6 +171,69 @@ def test_exchange_buffers_match_rps_round(colocated):
 
 def test_exchange_rejects_mixed_dtypes_and_too_many_servers():
     with pytest.raises(ValueError, match="one floating-point dtype"):
-        RPSExchange([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], 0, 2, 2)
+        RPSExchange.for_params([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], 0, 2, 2)
     with pytest.raises(ValueError, match="co-located"):
-        RPSExchange([torch.zeros(3)], 0, 2, 3)
+        RPSExchange.for_params([torch.zeros(3)], 0, 2, 3)
+
+
+def _exchanges_over_processes(W, k, S, dtype, colocated=True, seed=0):
+    """``W / k`` processes' exchanges of ``k`` workers each, over one random model per worker."""
+    torch.manual_seed(seed)
+    layout = rps.PacketLayout.for_model(83, S, packet_bytes=16)
+    n_proc = W // k
+    blocks = torch.randn(W, *layout.shape, dtype=torch.float64)
+    blocks.view(W, -1)[:, layout.numel :] = 0  # padding stays zero
+    exchanges = []
+    for r in range(n_proc):
+        storage = torch.zeros(k * layout.padded_numel + n_proc, dtype=dtype)
+        storage[: k * layout.padded_numel] = blocks[r * k : (r + 1) * k].reshape(-1).to(dtype)
+        exchanges.append(RPSExchange(storage, layout, r, n_proc, k, colocated))
+    return layout, exchanges
+
+
+@pytest.mark.parametrize("n_proc, k, colocated", [(1, 4, True), (2, 2, True), (2, 3, False)])
+def test_exchange_of_several_workers_per_process_matches_rps_round(n_proc, k, colocated):
+    W, S = n_proc * k, 3
+    layout, exchanges = _exchanges_over_processes(W, k, S, torch.float32, colocated)
+    reference = torch.cat([ex.blocks().double() for ex in exchanges])
+    server_state = None if colocated else reference[0].clone()
+    reducers = _threaded_all_reduce(n_proc)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        up = torch.from_numpy(rng.random((W, S, layout.packets_per_block)) >= 0.3)
+        down = torch.from_numpy(rng.random((S, W, layout.packets_per_block)) >= 0.3)
+        if colocated:
+            up[range(S), range(S)] = True
+            down[range(S), range(S)] = True
+        sides = [None] * n_proc
+        threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=r + 0.5)))
+                   for r in range(n_proc)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        reference, server_state = rps.rps_round(reference, up, down, server_state)
+        got = torch.cat([ex.blocks().double() for ex in exchanges])
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
+        assert sides[0].tolist() == [r + 0.5 for r in range(n_proc)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_proc, k", [(1, 3), (3, 1)])
+def test_averaging_identical_low_precision_replicas_leaves_them_unchanged(dtype, n_proc, k):
+    """Packets carry fp32: weights, sums and averages are fp32 whatever the parameters' dtype."""
+    W, S = n_proc * k, 3
+    layout, exchanges = _exchanges_over_processes(W, k, S, dtype)
+    same = exchanges[0].blocks()[0].clone()
+    for ex in exchanges:
+        ex.blocks().copy_(same.expand_as(ex.blocks()))
+    reducers = _threaded_all_reduce(n_proc)
+    up = torch.ones(W, S, layout.packets_per_block, dtype=torch.bool)
+    up[W - 1, 0, 0] = False  # servers average over 2 and 3 copies
+    down = torch.ones(S, W, layout.packets_per_block, dtype=torch.bool)
+    sides = [None] * n_proc
+    threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=1.2345678)))
+               for r in range(n_proc)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for ex in exchanges:
+        assert torch.equal(ex.blocks(), same.expand_as(ex.blocks()))
+    assert sides[0].dtype == torch.float32 and float(sides[0][0]) == pytest.approx(1.2345678, rel=1e-7)

@@ -89,11 +89,18 @@ class RoundOutcome:
     stats: dict[str, float] = field(default_factory=dict)
 
     def check(self, spec: RoundSpec) -> "RoundOutcome":
-        """Raise ValueError unless the masks have the shapes ``spec`` asks for."""
+        """Raise ValueError unless the masks have the shapes ``spec`` asks for and a co-located server's
+        own copies (``up[j, j]``, ``down[j, j]``), which never cross the network, are delivered."""
         if self.up.shape != spec.up_shape or self.up.dtype != np.bool_:
             raise ValueError(f"outcome.up must be bool {spec.up_shape}, got {self.up.dtype} {self.up.shape}")
         if self.down.shape != spec.down_shape or self.down.dtype != np.bool_:
             raise ValueError(f"outcome.down must be bool {spec.down_shape}, got {self.down.dtype} {self.down.shape}")
+        local = spec.local_pairs()
+        if not (self.up[local].all() and self.down[local.T].all()):
+            raise ValueError(
+                f"round {spec.round}: a co-located server's own block must be delivered (up[j, j] and down[j, j] all True): "
+                "it never crosses the network"
+            )
         return self
 
     @property
@@ -120,6 +127,8 @@ class NetworkModel(abc.ABC):
 
     #: True when every rank can compute the same outcome itself (no broadcast needed).
     same_on_every_rank: bool = False
+    #: How training's blocks cross this network (``RoundSpec.transport``): ``udp`` (lossy) unless it says otherwise.
+    transport: str = "udp"
 
     @abc.abstractmethod
     def outcome(self, spec: RoundSpec) -> RoundOutcome:

@@ -28,6 +28,7 @@ class TraceRecorder(NetworkModel):
         self.network = network
         self.path = Path(path)
         self.same_on_every_rank = network.same_on_every_rank
+        self.transport = network.transport
         self._spec: dict | None = None
         self._rounds: dict[int, RoundOutcome] = {}
 
@@ -87,6 +88,10 @@ class TraceNetwork(NetworkModel):
             self._data["spec"] = json.loads(str(self._data["spec"]))
             self._data["index"] = {int(r): i for i, r in enumerate(self._data["rounds"])}
         return self._data
+
+    @property
+    def transport(self) -> str:  # the recorded run's
+        return self._load()["spec"]["transport"]
 
     @property
     def rounds(self) -> np.ndarray:
