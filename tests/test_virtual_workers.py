@@ -271,3 +271,58 @@ def test_validate_after_fit_evaluates_every_worker_its_own_replica(tmp_path):
         assert torch.equal(before, after)
     finally:
         torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+
+
+def _one_process_workers(accelerator, batching, k=4):
+    """Every worker's parameters after a short in-process fit of ``k`` workers on one device."""
+    model, dm = digits_model(momentum=0.9)
+    saved = {}
+
+    class Keep(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            saved["params"] = trainer.strategy.replicas.worker_state(pl_module)["params"]
+
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.2, seed=3), workers_per_device=k, batching=batching, start_method="popen",
+                               compute_time_s=0.0)
+    trainer = pl.Trainer(strategy=strategy, accelerator=accelerator, devices=1, max_epochs=2, limit_train_batches=4, limit_val_batches=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Keep()])
+    try:
+        trainer.fit(model, dm)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return saved["params"]
+
+
+if torch.cuda.is_available():  # collected only where there is a GPU (run them there: pytest -k cuda)
+
+    @pytest.mark.parametrize("batching", ["vmap", "loop"])
+    def test_cuda_workers_train_the_replicas_cpu_workers_train(batching):
+        """1 x 4 workers on the GPU end where 1 x 4 on the CPU end (which equals 4 x 1, tested above)."""
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        cpu = _one_process_workers("cpu", batching)
+        gpu = _one_process_workers("gpu", batching)
+        assert (cpu[0] - cpu[1]).abs().max() > 1e-3
+        torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-5)
+
+    def test_cuda_exchange_of_several_workers_matches_rps_round():
+        import numpy as np
+
+        from pl_lossy import rps
+        from pl_lossy.exchange import RPSExchange
+
+        W, S = 5, 3
+        layout = rps.PacketLayout.for_model(1001, S, packet_bytes=64)
+        torch.manual_seed(0)
+        storage = torch.randn(W * layout.padded_numel + 1, device="cuda")
+        exchange = RPSExchange(storage, layout, 0, 1, W)
+        reference = exchange.blocks().double().cpu()
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            up = torch.from_numpy(rng.random((W, S, layout.packets_per_block)) >= 0.2)
+            down = torch.from_numpy(rng.random((S, W, layout.packets_per_block)) >= 0.2)
+            up[range(S), range(S)] = down[range(S), range(S)] = True
+            exchange.step(up, down, lambda t: None)
+            reference, _ = rps.rps_round(reference, up, down)
+        torch.testing.assert_close(exchange.blocks().double().cpu(), reference, rtol=1e-6, atol=1e-6)

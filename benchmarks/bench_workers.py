@@ -1,0 +1,126 @@
+"""Virtual workers against plain training: step time and samples/s, side by side in one run.
+
+    python benchmarks/bench_workers.py                              # CPU: digits MLP, 16 workers x 32
+    python benchmarks/bench_workers.py --model resnet20 --device cuda --precision 32-true bf16-mixed
+
+For one model on one device, each configuration runs a short fit (one process, in-process launcher)
+and its median optimizer-step time after warm-up is measured:
+
+- ``plain k*b``: Lightning's default single-device training of one model at batch ``k x b``;
+- ``plain b``: the same at the per-worker batch ``b`` (``k x`` its time is what a loop of k steps costs);
+- ``lossy k x b vmap`` / ``loop``: ``LossyPSStrategy(workers_per_device=k)`` over a 1% Bernoulli network
+  (every worker its own replica and shard of ``b`` rows, one RPS round per step; compute time fixed,
+  so rounds read nothing back from the device);
+- ``plain b`` vs ``lossy 1 x b`` at ``--single-batch``: the per-round cost with one worker.
+
+It prints, per precision: the vmap path's samples/s as a fraction of plain training at batch ``k x b``
+(target on a GPU: >= 0.7 for 16 ResNet-20 workers x 32), the loop's time against ``k`` plain steps of
+one shard (target: <= 1.15), and one worker's step time against plain training (target: <= 1.05).
+On CUDA, TF32 is off (``torch.backends.cuda.matmul.allow_tf32 = False``) and the GPU is synchronized
+around each timed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pl_lossy import BernoulliNetwork, LossyPSStrategy
+from pl_lossy.models import MLP, Classifier, ResNet20
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.times, self._t0 = cuda, [], 0.0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, *args) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def make_model(name: str) -> tuple[Classifier, tuple[int, ...]]:
+    if name == "mlp":
+        shape = (1, 8, 8)
+        return Classifier(functools.partial(MLP, hidden=(128,)), shape, 10, lr=0.05), shape
+    shape = (3, 32, 32)
+    return Classifier(functools.partial(ResNet20), shape, 10, lr=0.05, momentum=0.9), shape
+
+
+def step_time(args, precision: str, batch: int, steps: int, k: int = 0, batching: str = "vmap") -> float:
+    """Median step time (s) of plain training at ``batch`` (k = 0) or of ``k`` lossy_ps workers of ``batch`` rows each."""
+    pl.seed_everything(0, verbose=False)
+    model, shape = make_model(args.model)
+    rows = batch * max(k, 1)
+    n = rows * steps
+    data = TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
+    loader = DataLoader(data, batch_size=batch if k else rows, shuffle=False, drop_last=True)
+    timer = StepTimer(args.device == "cuda")
+    strategy = "auto"
+    if k:
+        strategy = LossyPSStrategy(network=BernoulliNetwork(0.01, seed=0), workers_per_device=k, batching=batching,
+                                   compute_time_s=0.0, divergence_every=0, start_method="popen", log_metrics=False)
+    trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, strategy=strategy, precision=precision,
+                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(model, loader)
+    return statistics.median(timer.times[args.warmup :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("mlp", "resnet20"), default="mlp")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", nargs="+", default=["32-true"])
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32, help="per-worker batch")
+    parser.add_argument("--single-batch", type=int, default=128, help="batch of the one-worker overhead check")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-loop", action="store_true", help="skip the sequential loop (slow for big k on CPU)")
+    args = parser.parse_args()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    k, b = args.workers, args.batch
+    rows = []
+    for precision in args.precision:
+        t = {
+            "plain k*b": step_time(args, precision, k * b, args.steps),
+            "plain b": step_time(args, precision, b, args.steps),
+            "lossy vmap": step_time(args, precision, b, args.steps, k, "vmap"),
+        }
+        if not args.no_loop:
+            t["lossy loop"] = step_time(args, precision, b, args.steps, k, "loop")
+        t["plain single"] = step_time(args, precision, args.single_batch, args.steps)
+        t["lossy 1 worker"] = step_time(args, precision, args.single_batch, args.steps, 1)
+        rows.append((precision, t))
+    print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{k} workers x batch {b}, median of {args.steps - args.warmup} steps, TF32 off, torch {torch.__version__}")
+    print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "
+          "| plain single | lossy 1 worker | 1 worker / plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for precision, t in rows:
+        loop = t.get("lossy loop")
+        loop_cols = f"{loop * 1e3:.1f} ms | {loop / (k * t['plain b']):.2f}" if loop else "- | -"
+        print(f"| {precision} | {t['plain k*b'] * 1e3:.1f} ms | {t['lossy vmap'] * 1e3:.1f} ms | {t['plain k*b'] / t['lossy vmap']:.2f}x "
+              f"| {t['plain b'] * 1e3:.2f} ms | {loop_cols} "
+              f"| {t['plain single'] * 1e3:.2f} ms | {t['lossy 1 worker'] * 1e3:.2f} ms | {t['lossy 1 worker'] / t['plain single']:.2f}x |")
+
+if __name__ == "__main__":
+    main()
