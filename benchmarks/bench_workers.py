@@ -3,15 +3,17 @@
     python benchmarks/bench_workers.py                              # CPU: digits MLP, 16 workers x 32
     python benchmarks/bench_workers.py --model resnet20 --device cuda --precision 32-true bf16-mixed
 
-For one model on one device, each configuration runs a short fit (one process, in-process launcher)
-and its median optimizer-step time after warm-up is measured:
+For one model on one device, each configuration runs short fits (one process, in-process launcher),
+interleaved and repeated ``--repeats`` times (shared GPUs drift by tens of percent between minutes),
+and the median optimizer-step time after warm-up over all repeats is reported:
 
 - ``plain k*b``: Lightning's default single-device training of one model at batch ``k x b``;
 - ``plain b``: the same at the per-worker batch ``b`` (``k x`` its time is what a loop of k steps costs);
 - ``lossy k x b vmap`` / ``loop``: ``LossyPSStrategy(workers_per_device=k)`` over a 1% Bernoulli network
   (every worker its own replica and shard of ``b`` rows, one RPS round per step; compute time fixed,
   so rounds read nothing back from the device);
-- ``plain b`` vs ``lossy 1 x b`` at ``--single-batch``: the per-round cost with one worker.
+- ``plain``, Lightning's ``DDPStrategy`` in one process, and ``lossy 1 x b`` at ``--single-batch``:
+  the per-round cost with one worker (lossy_ps is a DDPStrategy that does not wrap the model).
 
 It prints, per precision: the vmap path's samples/s as a fraction of plain training at batch ``k x b``
 (target on a GPU: >= 0.7 for 16 ResNet-20 workers x 32), the loop's time against ``k`` plain steps of
@@ -30,6 +32,8 @@ import time
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from pytorch_lightning.strategies import DDPStrategy
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
 from pl_lossy.models import MLP, Classifier, ResNet20
@@ -60,8 +64,9 @@ def make_model(name: str) -> tuple[Classifier, tuple[int, ...]]:
     return Classifier(functools.partial(ResNet20), shape, 10, lr=0.05, momentum=0.9), shape
 
 
-def step_time(args, precision: str, batch: int, steps: int, k: int = 0, batching: str = "vmap") -> float:
-    """Median step time (s) of plain training at ``batch`` (k = 0) or of ``k`` lossy_ps workers of ``batch`` rows each."""
+def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batching: str = "vmap") -> list[float]:
+    """Step times (s) after warm-up of plain training at ``batch`` (k = 0), of Lightning's DDP in one
+    process (``batching="ddp"``), or of ``k`` lossy_ps workers of ``batch`` rows each."""
     pl.seed_everything(0, verbose=False)
     model, shape = make_model(args.model)
     rows = batch * max(k, 1)
@@ -69,7 +74,7 @@ def step_time(args, precision: str, batch: int, steps: int, k: int = 0, batching
     data = TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
     loader = DataLoader(data, batch_size=batch if k else rows, shuffle=False, drop_last=True)
     timer = StepTimer(args.device == "cuda")
-    strategy = "auto"
+    strategy = DDPStrategy(start_method="popen") if batching == "ddp" else "auto"
     if k:
         strategy = LossyPSStrategy(network=BernoulliNetwork(0.01, seed=0), workers_per_device=k, batching=batching,
                                    compute_time_s=0.0, divergence_every=0, start_method="popen", log_metrics=False)
@@ -77,7 +82,9 @@ def step_time(args, precision: str, batch: int, steps: int, k: int = 0, batching
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     trainer.fit(model, loader)
-    return statistics.median(timer.times[args.warmup :])
+    if torch.distributed.is_initialized():  # every configuration starts from the same state
+        torch.distributed.destroy_process_group()
+    return timer.times[args.warmup :]
 
 
 def main() -> None:
@@ -90,6 +97,7 @@ def main() -> None:
     parser.add_argument("--single-batch", type=int, default=128, help="batch of the one-worker overhead check")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--no-loop", action="store_true", help="skip the sequential loop (slow for big k on CPU)")
     args = parser.parse_args()
     if args.device == "cuda":
@@ -98,29 +106,33 @@ def main() -> None:
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     k, b = args.workers, args.batch
+    configs = {
+        "plain k*b": (k * b, 0, ""),
+        "plain b": (b, 0, ""),
+        "lossy vmap": (b, k, "vmap"),
+        **({} if args.no_loop else {"lossy loop": (b, k, "loop")}),
+        "plain single": (args.single_batch, 0, ""),
+        "ddp single": (args.single_batch, 0, "ddp"),
+        "lossy 1 worker": (args.single_batch, 1, ""),
+    }
     rows = []
     for precision in args.precision:
-        t = {
-            "plain k*b": step_time(args, precision, k * b, args.steps),
-            "plain b": step_time(args, precision, b, args.steps),
-            "lossy vmap": step_time(args, precision, b, args.steps, k, "vmap"),
-        }
-        if not args.no_loop:
-            t["lossy loop"] = step_time(args, precision, b, args.steps, k, "loop")
-        t["plain single"] = step_time(args, precision, args.single_batch, args.steps)
-        t["lossy 1 worker"] = step_time(args, precision, args.single_batch, args.steps, 1)
-        rows.append((precision, t))
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(args.repeats):
+            for name, (batch, workers, batching) in configs.items():
+                times[name] += step_times(args, precision, batch, args.steps, workers, batching or "vmap")
+        rows.append((precision, {name: statistics.median(ts) for name, ts in times.items()}))
     print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{k} workers x batch {b}, median of {args.steps - args.warmup} steps, TF32 off, torch {torch.__version__}")
+          f"{k} workers x batch {b}, median of {args.repeats} x {args.steps - args.warmup} steps, TF32 off, torch {torch.__version__}")
     print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "
-          "| plain single | lossy 1 worker | 1 worker / plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| plain single | DDP, 1 process | lossy 1 worker | 1 worker / plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for precision, t in rows:
         loop = t.get("lossy loop")
         loop_cols = f"{loop * 1e3:.1f} ms | {loop / (k * t['plain b']):.2f}" if loop else "- | -"
         print(f"| {precision} | {t['plain k*b'] * 1e3:.1f} ms | {t['lossy vmap'] * 1e3:.1f} ms | {t['plain k*b'] / t['lossy vmap']:.2f}x "
               f"| {t['plain b'] * 1e3:.2f} ms | {loop_cols} "
-              f"| {t['plain single'] * 1e3:.2f} ms | {t['lossy 1 worker'] * 1e3:.2f} ms | {t['lossy 1 worker'] / t['plain single']:.2f}x |")
+              f"| {t['plain single'] * 1e3:.2f} ms | {t['ddp single'] * 1e3:.2f} ms | {t['lossy 1 worker'] * 1e3:.2f} ms | {t['lossy 1 worker'] / t['plain single']:.2f}x |")
 
 if __name__ == "__main__":
     main()

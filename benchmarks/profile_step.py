@@ -45,6 +45,8 @@ def run(args, name: str, strategy, k: int = 1) -> None:
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[timer, prof])
     trainer.fit(model, DataLoader(data, batch_size=args.batch, drop_last=True))
+    if torch.distributed.is_initialized():  # every run starts from the same state
+        torch.distributed.destroy_process_group()
     steps = sorted(timer.times[2 : args.steps - args.profiled])  # before the profiler slows things down
     events = prof.prof.key_averages()
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]
