@@ -36,6 +36,17 @@ def test_main_job_writes_summary(tmp_path):
     assert "net/sim_time_s" in metrics and "net/delivered_up" in metrics and "net/drops_link_error" in metrics
 
 
+def test_sixteen_virtual_workers_in_one_process_over_ns3(tmp_path):
+    proc = run_app(tmp_path, "trainer.devices=1", "strategy.workers_per_device=16", "trainer.max_epochs=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["n_workers"], summary["workers_per_device"], summary["world_size"]) == (16, 16, 1)
+    assert summary["batching"] == "vmap"
+    assert summary["steps"] == 4 * (-(-1437 // 16) // 32) and 0.95 < summary["delivered_up"] < 1.0  # per worker: its 90 samples, batches of 32
+    assert summary["val_acc"] > 0.5
+    assert "lossy_ps: 16 workers (1 processes x 16)" in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -47,6 +58,7 @@ def test_main_job_writes_summary(tmp_path):
         ("data=cifar10", "invalid `data` config: Missing mandatory value: data.data_dir"),
         ("strategy.num_servers=3", "num_servers=3 co-located servers need at least as many workers; there are 2"),
         ("trainer.devices=0", "invalid `trainer` config"),
+        ("strategy.workers_per_device=0", "invalid `strategy` config: workers_per_device must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, override, message):

@@ -7,6 +7,7 @@ from pl_lossy.network import (
     BernoulliNetwork,
     GilbertElliottNetwork,
     ReliableNetwork,
+    RoundOutcome,
     RoundSpec,
     TraceNetwork,
     TraceRecorder,
@@ -132,3 +133,29 @@ def test_trace_records_and_replays_exactly(tmp_path):
 def test_bad_settings_say_what_is_wrong(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_an_outcome_that_drops_a_colocated_servers_own_copy_is_refused():
+    spec = RoundSpec(0, 3, 2, 4)
+    up, down = np.ones(spec.up_shape, bool), np.ones(spec.down_shape, bool)
+    RoundOutcome(up.copy(), down.copy(), 0.0, 0.0).check(spec)
+    up[1, 1, 2] = False  # worker 1's own block for its own server never crosses the network
+    with pytest.raises(ValueError, match="co-located server's own block must be delivered"):
+        RoundOutcome(up, down, 0.0, 0.0).check(spec)
+    remote = np.ones(spec.up_shape, bool)
+    remote[2, 1, 0] = False  # a remote packet may be lost
+    RoundOutcome(remote, down, 0.0, 0.0).check(spec)
+
+
+def test_a_trace_of_a_tcp_run_is_labelled_tcp_and_replays(tmp_path):
+    class TcpLike(ReliableNetwork):
+        transport = "tcp"
+
+    recorder = TraceRecorder(TcpLike(), tmp_path / "t.npz")
+    assert recorder.transport == "tcp"
+    spec = RoundSpec(0, 2, 2, 3, transport=recorder.transport)
+    recorder.outcome(spec)
+    recorder.close()
+    replay = TraceNetwork(tmp_path / "t.npz")
+    assert replay.transport == "tcp"
+    assert np.array_equal(replay.outcome(spec).up, np.ones(spec.up_shape, bool))

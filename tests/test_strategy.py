@@ -197,3 +197,43 @@ def test_four_workers_accuracy_at_ten_percent_drops_is_close_to_no_drops():
         acc[rate] = float(trainer.callback_metrics["val_acc"])
     assert acc[0.0] > 0.9
     assert abs(acc[0.1] - acc[0.0]) < 0.04, acc
+
+
+def test_with_adam_rps_without_drops_is_not_ddp():
+    """RPS averages the results of local steps; DDP steps on the averaged gradient: equal for plain SGD only."""
+    def adam_model():
+        model, dm = digits_model()
+        model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, dm
+
+    model, dm = adam_model()
+    fit(lossy(ReliableNetwork()), model, dm, limit_train_batches=10)
+    ddp_model, dm = adam_model()
+    fit(DDPStrategy(start_method="fork"), ddp_model, dm, limit_train_batches=10)
+    start = flat_params(adam_model()[0])
+    gap = (flat_params(model) - flat_params(ddp_model)).norm() / (flat_params(ddp_model) - start).norm()
+    assert gap > 0.01, gap
+
+
+class _UnfreezeAtEpochOne(pl.Callback):
+    """Freezes the first layer before the strategy sets up and trains it from epoch 1 (as BackboneFinetuning does)."""
+
+    def setup(self, trainer, pl_module, stage):
+        for p in pl_module.net[1].parameters():
+            p.requires_grad_(False)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            for p in pl_module.net[1].parameters():
+                p.requires_grad_(True)
+
+
+def test_parameters_frozen_at_setup_and_unfrozen_later_are_exchanged(tmp_path):
+    model, dm = digits_model()
+    saver = SaveReplicas(tmp_path)
+    first_layer = sum(p.numel() for p in model.net[1].parameters())
+    fit(lossy(BernoulliNetwork(0.0)), model, dm, max_epochs=2, limit_train_batches=4, callbacks=[_UnfreezeAtEpochOne(), saver])
+    r0, r1 = saver.load(2)
+    start = flat_params(digits_model()[0])[:first_layer]
+    assert not torch.equal(r0["params"][:first_layer], start)  # it trained in epoch 1
+    torch.testing.assert_close(r0["params"][:first_layer], r1["params"][:first_layer], rtol=0, atol=1e-6)  # and was averaged

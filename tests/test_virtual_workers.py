@@ -326,3 +326,27 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
             exchange.step(up, down, lambda t: None)
             reference, _ = rps.rps_round(reference, up, down)
         torch.testing.assert_close(exchange.blocks().double().cpu(), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_two_nodes_on_loopback_train_the_replicas_one_node_trains(tmp_path):
+    """num_nodes=2 (one process of 2 workers per node, each node started as Lightning expects) equals one node of 2 x 2."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "nodes").mkdir(), (tmp_path / "one").mkdir()
+    script = Path(__file__).parent / "node_fit.py"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}
+    nodes = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "nodes"), "2", "1", "2"], env={**env, "NODE_RANK": str(n)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    two_nodes, _ = SaveWorkers(tmp_path / "nodes").load(2)
+    one_node, _ = train_workers(tmp_path / "one", 2, 2, max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    assert two_nodes.shape[0] == 4 and (two_nodes[0] - two_nodes[2]).abs().max() > 1e-3
+    torch.testing.assert_close(two_nodes, one_node, rtol=0, atol=1e-6)
