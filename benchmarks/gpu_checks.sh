@@ -15,4 +15,4 @@ timeout 120 python examples/train.py trainer=gpu trainer.devices=1 strategy.work
   network=bernoulli network.drop_rate=0.1 trainer.max_epochs=10 trainer.enable_progress_bar=false hydra.run.dir=/tmp/app16 2>&1 | grep -E "summary|error|vmap" ; \
   python -c "import json; s=json.load(open('/tmp/app16/summary.json')); print({k: s[k] for k in ('n_workers','workers_per_device','batching','val_acc','steps')})"
 echo "== bench_workers"
-timeout 300 python benchmarks/bench_workers.py --model resnet20 --device cuda --precision 32-true bf16-mixed --steps 25 --warmup 5 2>&1 | tail -5
+timeout 330 python benchmarks/bench_workers.py --model resnet20 --device cuda --precision 32-true bf16-mixed --steps 20 --warmup 5 --repeats 3 2>&1 | tail -5

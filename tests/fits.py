@@ -14,10 +14,11 @@ from pl_lossy.data import DigitsDataModule
 from pl_lossy.models import MLP, Classifier
 
 
-def digits_model(seed=0, hidden=(64,), lr=0.1, momentum=0.0, dm=None):
+def digits_model(seed=0, hidden=(64,), lr=0.1, momentum=0.0, dm=None, weight_decay=0.0):
     pl.seed_everything(seed, verbose=False)
     dm = dm or DigitsDataModule(batch_size=32, seed=seed)
-    model = Classifier(functools.partial(MLP, hidden=hidden), dm.input_shape, dm.num_classes, lr=lr, momentum=momentum)
+    model = Classifier(functools.partial(MLP, hidden=hidden), dm.input_shape, dm.num_classes, lr=lr, momentum=momentum,
+                       weight_decay=weight_decay)
     return model, dm
 
 

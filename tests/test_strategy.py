@@ -17,10 +17,11 @@ def lossy(network, **kw):
     return LossyPSStrategy(network=network, start_method="fork", **kw)
 
 
-def test_no_drops_with_sgd_ends_where_ddp_ends():
-    model, dm = digits_model()
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
+def test_no_drops_with_sgd_ends_where_ddp_ends(momentum, weight_decay):
+    model, dm = digits_model(momentum=momentum, weight_decay=weight_decay)
     fit(lossy(BernoulliNetwork(drop_rate=0.0)), model, dm, max_epochs=2)
-    ddp_model, dm = digits_model()
+    ddp_model, dm = digits_model(momentum=momentum, weight_decay=weight_decay)
     fit(DDPStrategy(start_method="fork"), ddp_model, dm, max_epochs=2)
     a, b = flat_params(model), flat_params(ddp_model)
     assert not torch.equal(a, flat_params(digits_model()[0]))  # it trained

@@ -306,6 +306,27 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         assert (cpu[0] - cpu[1]).abs().max() > 1e-3
         torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-5)
 
+    @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+    def test_cuda_mixed_precision_batchnorm_workers_train_batched(precision):
+        model, dm = small_resnet()
+        state = {}
+
+        class Keep(pl.Callback):
+            def on_train_end(self, trainer, pl_module):
+                state.update(mode=trainer.strategy.replicas.mode, params=trainer.strategy.replicas.worker_state(pl_module)["params"])
+
+        strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), workers_per_device=4, start_method="popen", compute_time_s=0.0)
+        trainer = pl.Trainer(strategy=strategy, accelerator="gpu", devices=1, precision=precision, max_steps=6, limit_val_batches=2,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[Keep()])
+        try:
+            trainer.fit(model, dm)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        assert state["mode"] == "vmap" and torch.isfinite(state["params"]).all()
+        assert (state["params"][0] - state["params"][1]).abs().max() > 0
+
     def test_cuda_exchange_of_several_workers_matches_rps_round():
         import numpy as np
 
