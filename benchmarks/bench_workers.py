@@ -79,6 +79,7 @@ def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batchin
         strategy = LossyPSStrategy(network=BernoulliNetwork(0.01, seed=0), workers_per_device=k, batching=batching,
                                    compute_time_s=0.0, divergence_every=0, start_method="popen", log_metrics=False)
     trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, strategy=strategy, precision=precision,
+                         benchmark=args.cudnn_benchmark or None,
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     trainer.fit(model, loader)
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--no-loop", action="store_true", help="skip the sequential loop (slow for big k on CPU)")
+    parser.add_argument("--only", nargs="+", help="run only these configurations (e.g. 'plain k*b' 'lossy vmap')")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN autotunes its algorithms, for every configuration")
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -115,6 +118,8 @@ def main() -> None:
         "ddp single": (args.single_batch, 0, "ddp"),
         "lossy 1 worker": (args.single_batch, 1, ""),
     }
+    if args.only:
+        configs = {name: c for name, c in configs.items() if name in args.only}
     rows = []
     for precision in args.precision:
         times: dict[str, list[float]] = {name: [] for name in configs}
@@ -122,8 +127,14 @@ def main() -> None:
             for name, (batch, workers, batching) in configs.items():
                 times[name] += step_times(args, precision, batch, args.steps, workers, batching or "vmap")
         rows.append((precision, {name: statistics.median(ts) for name, ts in times.items()}))
+    if args.only:
+        for precision, t in rows:
+            print(f"{precision}: " + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in t.items()))
+        if {"plain k*b", "lossy vmap"} <= set(configs):
+            print("vmap samples/s vs plain: " + ", ".join(f"{p} {t['plain k*b'] / t['lossy vmap']:.2f}x" for p, t in rows))
+        return
     print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{k} workers x batch {b}, median of {args.repeats} x {args.steps - args.warmup} steps, TF32 off, torch {torch.__version__}")
+          f"{k} workers x batch {b}, median of {args.repeats} x {args.steps - args.warmup} steps, TF32 off, cudnn.benchmark {args.cudnn_benchmark}, torch {torch.__version__}")
     print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "
           "| plain single | DDP, 1 process | lossy 1 worker | 1 worker / plain |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
