@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,31 @@ def fit(strategy, model, dm, devices=2, max_epochs=1, callbacks=(), ckpt_path=No
         strategy=strategy, accelerator="cpu", devices=devices, max_epochs=max_epochs, callbacks=list(callbacks), **kw
     )
     trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+@contextlib.contextmanager
+def in_process():
+    """Lightning in this process (the popen launcher starts nothing for one device): on exit, no
+    process group and none of Lightning's distributed environment variables are left behind (a later
+    test's subprocesses would inherit them)."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def fit_in_process(strategy, model, dm, accelerator="cpu", **trainer_kw):
+    """A one-device fit in this process, so the strategy object seen here is the one that trained."""
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    kw.update(trainer_kw)
+    trainer = pl.Trainer(strategy=strategy, accelerator=accelerator, devices=1, **kw)
+    with in_process():
+        trainer.fit(model, dm)
     return trainer
 
 

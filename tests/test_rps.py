@@ -135,6 +135,16 @@ def _threaded_all_reduce(n):
     return [make(r) for r in range(n)]
 
 
+def _round_on_threads(exchanges, reducers, up, down, side_value):
+    """Every process's ``exchange.step`` at once (one thread each); returns their side values."""
+    sides = [None] * len(exchanges)
+    threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=side_value(r))))
+               for r in range(len(exchanges))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return sides
+
+
 @pytest.mark.parametrize("colocated", [True, False])
 def test_exchange_buffers_match_rps_round(colocated):
     """RPSExchange (flat double buffers, one all_reduce, sparse fix-ups) over 3 rounds equals rps_round."""
@@ -153,13 +163,7 @@ def test_exchange_buffers_match_rps_round(colocated):
         if colocated:
             up[range(S), range(S)] = True
             down[range(S), range(S)] = True
-        sides = [None] * W
-        threads = [
-            threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=float(r + 1))))
-            for r in range(W)
-        ]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        sides = _round_on_threads(exchanges, reducers, up, down, lambda r: float(r + 1))
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         for r in range(W):
             torch.testing.assert_close(exchanges[r].blocks()[0].double(), reference[r], rtol=1e-6, atol=1e-6)
@@ -205,11 +209,7 @@ def test_exchange_of_several_workers_per_process_matches_rps_round(n_proc, k, co
         if colocated:
             up[range(S), range(S)] = True
             down[range(S), range(S)] = True
-        sides = [None] * n_proc
-        threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=r + 0.5)))
-                   for r in range(n_proc)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        sides = _round_on_threads(exchanges, reducers, up, down, lambda r: r + 0.5)
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         got = torch.cat([ex.blocks().double() for ex in exchanges])
         torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
@@ -229,11 +229,7 @@ def test_averaging_identical_low_precision_replicas_leaves_them_unchanged(dtype,
     up = torch.ones(W, S, layout.packets_per_block, dtype=torch.bool)
     up[W - 1, 0, 0] = False  # servers average over 2 and 3 copies
     down = torch.ones(S, W, layout.packets_per_block, dtype=torch.bool)
-    sides = [None] * n_proc
-    threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=1.2345678)))
-               for r in range(n_proc)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    sides = _round_on_threads(exchanges, reducers, up, down, lambda r: 1.2345678)
     for ex in exchanges:
         assert torch.equal(ex.blocks(), same.expand_as(ex.blocks()))
     assert sides[0].dtype == torch.float32 and float(sides[0][0]) == pytest.approx(1.2345678, rel=1e-7)

@@ -13,9 +13,9 @@ from pytorch_lightning.loggers import CSVLogger
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
 from pl_lossy.checkpointing import workers_mean_state_dict
 from pl_lossy.data import SyntheticDataModule
-from pl_lossy.models import Classifier, ResNet20
+from pl_lossy.models import MLP, Classifier, ResNet20
 
-from fits import SaveWorkers, digits_model, fit, flat_params, steps_per_epoch
+from fits import SaveWorkers, digits_model, fit, fit_in_process, in_process
 
 
 def lossy(network, k=1, **kw):
@@ -97,22 +97,11 @@ def test_auto_batching_falls_back_to_the_loop_for_a_step_vmap_cannot_batch(tmp_p
                 raise RuntimeError("unreachable")
             return loss
 
-    model, dm = digits_model()
-    model = ItemInStep(functools.partial(__import__("pl_lossy.models", fromlist=["MLP"]).MLP, hidden=(64,)), dm.input_shape, dm.num_classes)
-    summary = {}
-
-    class Mode(pl.Callback):
-        def on_train_end(self, trainer, pl_module):
-            summary["mode"] = trainer.strategy.replicas.mode
-
+    _, dm = digits_model()
+    model = ItemInStep(functools.partial(MLP, hidden=(64,)), dm.input_shape, dm.num_classes)
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), workers_per_device=2, start_method="popen")
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Mode()], limit_val_batches=0)
-    try:
-        trainer.fit(model, dm)
-    finally:
-        torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
-    assert summary["mode"] == "loop"
+    fit_in_process(strategy, model, dm, max_steps=3, limit_val_batches=0)
+    assert strategy.replicas.mode == "loop"
     assert any("could not batch it" in r.getMessage() for r in caplog.records)
 
 
@@ -240,59 +229,37 @@ def test_every_round_of_manual_optimization_reaches_the_logger(tmp_path):
 def test_validate_with_a_checkpoint_then_fit_starts_at_round_zero(tmp_path):
     """State loaded outside fit must not leak into a later fit (one process: nothing hides it)."""
     model, dm = digits_model()
-
-    def trainer(**kw):
-        return pl.Trainer(strategy=LossyPSStrategy(network=BernoulliNetwork(0.2), start_method="popen"), accelerator="cpu", devices=1,
-                          logger=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-
-    try:
-        first = trainer(max_steps=20, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
-        first.fit(model, dm)
-        second = trainer(max_steps=5, enable_checkpointing=False)
+    fit_in_process(LossyPSStrategy(network=BernoulliNetwork(0.2), start_method="popen"), model, dm, max_steps=20,
+                   enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.2), start_method="popen")
+    second = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with in_process():
         second.validate(model, dm, ckpt_path=str(tmp_path / "last.ckpt"))
-        assert second.strategy.clock.rounds == 0
+        assert strategy.clock.rounds == 0
         second.fit(model, dm)
-        assert second.global_step == 5 and second.strategy.clock.rounds == 5
-    finally:
-        torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+    assert second.global_step == 5 and strategy.clock.rounds == 5
 
 
 def test_validate_after_fit_evaluates_every_worker_its_own_replica(tmp_path):
     model, dm = digits_model()
     strategy = LossyPSStrategy(network=BernoulliNetwork(1.0), workers_per_device=2, start_method="popen")
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    try:
-        trainer.fit(model, dm)
-        before = strategy.replicas.worker_state(model)["params"]
-        assert (before[0] - before[1]).abs().max() > 0  # drop rate 1: the workers trained apart
+    trainer = fit_in_process(strategy, model, dm, max_steps=10)
+    before = strategy.replicas.worker_state(model)["params"]
+    assert (before[0] - before[1]).abs().max() > 0  # drop rate 1: the workers trained apart
+    with in_process():
         trainer.validate(model, dm)
-        after = strategy.replicas.worker_state(model)["params"]
-        assert torch.equal(before, after)
-    finally:
-        torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+    after = strategy.replicas.worker_state(model)["params"]
+    assert torch.equal(before, after)
 
 
 def _one_process_workers(accelerator, batching, k=4):
     """Every worker's parameters after a short in-process fit of ``k`` workers on one device."""
     model, dm = digits_model(momentum=0.9)
-    saved = {}
-
-    class Keep(pl.Callback):
-        def on_train_end(self, trainer, pl_module):
-            saved["params"] = trainer.strategy.replicas.worker_state(pl_module)["params"]
-
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.2, seed=3), workers_per_device=k, batching=batching, start_method="popen",
                                compute_time_s=0.0)
-    trainer = pl.Trainer(strategy=strategy, accelerator=accelerator, devices=1, max_epochs=2, limit_train_batches=4, limit_val_batches=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Keep()])
-    try:
-        trainer.fit(model, dm)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return saved["params"]
+    fit_in_process(strategy, model, dm, accelerator, max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    return strategy.replicas.worker_state(model)["params"]
 
 
 if torch.cuda.is_available():  # collected only where there is a GPU (run them there: pytest -k cuda)
@@ -309,23 +276,11 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
     @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
     def test_cuda_mixed_precision_batchnorm_workers_train_batched(precision):
         model, dm = small_resnet()
-        state = {}
-
-        class Keep(pl.Callback):
-            def on_train_end(self, trainer, pl_module):
-                state.update(mode=trainer.strategy.replicas.mode, params=trainer.strategy.replicas.worker_state(pl_module)["params"])
-
         strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), workers_per_device=4, start_method="popen", compute_time_s=0.0)
-        trainer = pl.Trainer(strategy=strategy, accelerator="gpu", devices=1, precision=precision, max_steps=6, limit_val_batches=2,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[Keep()])
-        try:
-            trainer.fit(model, dm)
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        assert state["mode"] == "vmap" and torch.isfinite(state["params"]).all()
-        assert (state["params"][0] - state["params"][1]).abs().max() > 0
+        fit_in_process(strategy, model, dm, "gpu", precision=precision, max_steps=6, limit_val_batches=2)
+        params = strategy.replicas.worker_state(model)["params"]
+        assert strategy.replicas.mode == "vmap" and torch.isfinite(params).all()
+        assert (params[0] - params[1]).abs().max() > 0
 
     def test_cuda_exchange_of_several_workers_matches_rps_round():
         import numpy as np
@@ -362,10 +317,18 @@ def test_two_nodes_on_loopback_train_the_replicas_one_node_trains(tmp_path):
         port = s.getsockname()[1]
     (tmp_path / "nodes").mkdir(), (tmp_path / "one").mkdir()
     script = Path(__file__).parent / "node_fit.py"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}
+    launched = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith(("PL_", "TORCHELASTIC"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     nodes = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "nodes"), "2", "1", "2"], env={**env, "NODE_RANK": str(n)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:  # a hung node must not outlive the test
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     two_nodes, _ = SaveWorkers(tmp_path / "nodes").load(2)
     one_node, _ = train_workers(tmp_path / "one", 2, 2, max_epochs=2, limit_train_batches=4, limit_val_batches=1)
