@@ -7,7 +7,8 @@ queues rounds to simulate ahead of their ``outcome`` request (run-ahead); an ``o
 rounds jump the queue. A malformed request gets an error reply and the server keeps serving; a
 simulator that dies (an ns-3 abort) is restarted and its round simulated again, once, before the
 error is reported. The server exits on ``shutdown``, on SIGINT/SIGTERM, or when the process given by
-``--parent-pid`` is gone.
+``--parent-pid`` is gone (on Linux the kernel kills it then, even stopped; see :mod:`ns3_bridge.lifetime`);
+its simulation processes die with it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import zmq
 
 from . import protocol
+from .lifetime import die_with_parent
 from .sim.config import NetworkConfig
 from .sim.round import RoundShape
 
@@ -355,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1:
         raise SystemExit(f"error: --workers must be >= 1, got {args.workers}")
 
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)  # even stopped or hung, this process goes when the parent does
     server = BridgeServer(args.workers, args.sim_timeout_s, args.cache_rounds, args.queue_rounds)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "stopping", True))
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         server.stop()
         sock.close(0)
         ctx.term()
-        if args.endpoint.startswith("ipc://"):
+        if args.endpoint.startswith("ipc://") and not args.endpoint.startswith("ipc://@"):  # @: abstract, no file
             try:
                 os.unlink(args.endpoint[len("ipc://"):])
             except OSError:

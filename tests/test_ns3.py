@@ -244,6 +244,49 @@ def test_killing_the_bridge_mid_fit_fails_the_fit_with_a_clear_error():
     assert time.monotonic() - start < 60
 
 
+def _gone(pid, within_s=10.0):
+    """True once ``pid`` has exited (a zombie awaiting its reaper counts as exited) within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_stopped_bridge_fails_the_fit_within_its_timeout_and_is_not_left_behind(tmp_path):
+    """SIGSTOP (hung, not dead): the fit fails naming the bridge; the launcher ends rank 0 before it can
+    stop the bridge, and the kernel kills the bridge with its parent (no process, no socket file left)."""
+    import pytorch_lightning as pl
+
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import digits_model, fit
+
+    class StopBridge(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            net = trainer.strategy.network
+            if trainer.is_global_zero and trainer.strategy.round == 3 and net.bridge_pid:
+                (tmp_path / "bridge.pid").write_text(str(net.bridge_pid))
+                (tmp_path / "endpoint").write_text(net._client.endpoint)
+                os.kill(net.bridge_pid, signal.SIGSTOP)
+
+    model, dm = digits_model()
+    strategy = LossyPSStrategy(network=Ns3Network(loss_rate=0.01, timeout_s=8), start_method="fork")
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"ns-3 bridge at ipc://\S+ did not answer"):
+        fit(strategy, model, dm, max_epochs=3, callbacks=[StopBridge()])
+    assert time.monotonic() - start < 60
+    pid = int((tmp_path / "bridge.pid").read_text())
+    assert _gone(pid), f"the stopped bridge {pid} is still there"
+    endpoint = (tmp_path / "endpoint").read_text()
+    assert endpoint.startswith("ipc://@")  # abstract: no socket file to leave behind
+
+
 def test_missing_ns3_is_one_clear_error(monkeypatch):
     import importlib.util
 

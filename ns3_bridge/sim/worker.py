@@ -17,6 +17,9 @@ from .config import NetworkConfig
 
 
 def serve(conn: Connection) -> None:
+    from ..lifetime import die_with_parent
+
+    die_with_parent()  # a simulation in progress must not outlive a killed server
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     simulator = None

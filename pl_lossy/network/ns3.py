@@ -6,11 +6,11 @@ import atexit
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 from typing import Any, Iterable, Optional
 
 from ns3_bridge.client import BridgeClient, BridgeError
+from ns3_bridge.lifetime import private_ipc_endpoint
 from ns3_bridge.sim.config import NetworkConfig
 from ns3_bridge.sim.round import TRANSPORTS, RoundShape
 
@@ -105,7 +105,7 @@ class Ns3Network(NetworkModel):
         alive = None
         endpoint = self.endpoint
         if endpoint is None:
-            endpoint = f"ipc://{tempfile.gettempdir()}/pl-lossy-{os.getpid()}-{uuid.uuid4().hex[:8]}.ipc"
+            endpoint = private_ipc_endpoint(f"pl-lossy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint, "--parent-pid", str(os.getpid()),
                  "--workers", str(self.sim_workers)],
