@@ -1,9 +1,11 @@
 """One process's side of the RPS exchange: its workers' models in one storage, one all_reduce per round.
 
 The storage holds the ``k`` workers of this process as rows of the packet layout ``[k, S, P, E]`` (see
-:class:`~pl_lossy.rps.PacketLayout` and :class:`~pl_lossy.replicas.WorkerReplicas`), followed by one
-*side slot* per process: a process writes a scalar (its compute time) into its own slot and the round's
-all_reduce hands every process everyone's value, so no extra collective is needed.
+:class:`~pl_lossy.rps.PacketLayout` and :class:`~pl_lossy.replicas.WorkerReplicas`), followed by
+``SIDE_FIELDS`` *side slots* per process: a process writes scalars (its compute time, a hash of the
+masks it applies) into its own slots and the round's all_reduce hands every process everyone's
+values, so no extra collective is needed. Side values must be exact in fp32 to compare (integers
+below 2^24 are).
 
 A round, given the global masks (every process knows them):
 
@@ -39,12 +41,14 @@ AllReduce = Callable[[Tensor], None]
 
 #: Elements per all_reduce when measuring divergence (bounds its scratch memory).
 DIVERGENCE_CHUNK = 1 << 20
+#: Scalars each process sends along with every round: ``[compute time, mask hash]``.
+SIDE_FIELDS = 2
 
 
 class RPSExchange:
     """The exchange of process ``process_rank`` (of ``n_processes``) hosting ``workers_per_process``
     workers ``process_rank * k ... + k - 1`` over ``storage`` (1-D: ``k`` rows of ``layout.padded_numel``,
-    then ``n_processes`` side slots)."""
+    then ``SIDE_FIELDS x n_processes`` side slots)."""
 
     def __init__(
         self,
@@ -56,8 +60,9 @@ class RPSExchange:
         colocated_servers: bool = True,
     ) -> None:
         k = workers_per_process
-        if storage.dim() != 1 or storage.numel() != k * layout.padded_numel + n_processes:
-            raise ValueError(f"storage must be 1-D of {k} x {layout.padded_numel} + {n_processes} elements, got {tuple(storage.shape)}")
+        n_side = SIDE_FIELDS * n_processes
+        if storage.dim() != 1 or storage.numel() != k * layout.padded_numel + n_side:
+            raise ValueError(f"storage must be 1-D of {k} x {layout.padded_numel} + {n_side} elements, got {tuple(storage.shape)}")
         self.n_workers = n_processes * k
         if colocated_servers and layout.n_servers > self.n_workers:
             raise ValueError(f"num_servers={layout.n_servers} co-located servers need as many workers; there are {self.n_workers}")
@@ -70,7 +75,7 @@ class RPSExchange:
         # one worker, its own server: nothing crosses the network and the round changes nothing
         self.identity = self.n_workers == 1 and colocated_servers
         n = layout.padded_numel
-        self._wire = None if self.in_place or self.identity else torch.zeros(n + n_processes, dtype=torch.float32, device=device)
+        self._wire = None if self.in_place or self.identity else torch.zeros(n + n_side, dtype=torch.float32, device=device)
         self.server_blocks = None if colocated_servers else self.blocks()[0].float().clone()
         self._weights = torch.empty((k, *layout.shape[:2]), dtype=torch.float32)  # CPU: computed from CPU masks
         self._kept = torch.empty(0, layout.elems_per_packet, dtype=dtype, device=device)
@@ -87,7 +92,7 @@ class RPSExchange:
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"RPS exchanges one floating-point dtype; the parameters have {sorted(map(str, dtypes))}")
         layout = rps.PacketLayout.for_model(sum(p.numel() for p in params), n_servers, packet_bytes)
-        storage = torch.zeros(layout.padded_numel + n_workers, dtype=params[0].dtype, device=params[0].device)
+        storage = torch.zeros(layout.padded_numel + SIDE_FIELDS * n_workers, dtype=params[0].dtype, device=params[0].device)
         offset = 0
         with torch.no_grad():
             for p in params:
@@ -102,9 +107,9 @@ class RPSExchange:
         return self.storage[: self.k * self.layout.padded_numel].view(self.k, *self.layout.shape)
 
     def side(self) -> Tensor:
-        """The side slots after a round: every process's value."""
+        """The side slots ``[SIDE_FIELDS, n_processes]`` after a round: every process's values."""
         buffer = self.storage if self._wire is None else self._wire
-        return buffer[buffer.numel() - self.n_processes :]
+        return buffer[buffer.numel() - SIDE_FIELDS * self.n_processes :].view(SIDE_FIELDS, self.n_processes)
 
     def extra_bytes(self) -> int:
         """Memory the exchange holds beyond the parameters themselves."""
@@ -131,15 +136,16 @@ class RPSExchange:
         return kept
 
     @torch.no_grad()
-    def step(self, up: Tensor, down: Tensor, all_reduce: AllReduce, side_value: float = 0.0) -> Tensor:
+    def step(self, up: Tensor, down: Tensor, all_reduce: AllReduce, side_values: tuple[float, ...] = (0.0, 0.0)) -> Tensor:
         """Run one round given the global masks (bool CPU tensors ``[W, S, P]`` and ``[S, W, P]``).
 
-        ``all_reduce`` must sum a tensor in place over all processes. Returns the ``[n_processes]`` side
-        values (``side_value`` of every process), on the storage's device.
+        ``all_reduce`` must sum a tensor in place over all processes. Returns the side values
+        ``[SIDE_FIELDS, n_processes]`` (``side_values`` of every process), on the storage's device.
         """
         if self.identity:
             side = self.side()
-            side.fill_(side_value)
+            for field, value in enumerate(side_values):
+                side[field].fill_(value)
             return side
         first, k, E = self.first_worker, self.k, self.layout.elems_per_packet
         blocks = self.blocks()
@@ -158,9 +164,10 @@ class RPSExchange:
             torch.mul(blocks[0], weights[0].unsqueeze(-1), out=send)
             for j in range(1, k):
                 send.addcmul_(blocks[j], weights[j].unsqueeze(-1))
-        side = buffer[buffer.numel() - self.n_processes :]
+        side = buffer[buffer.numel() - SIDE_FIELDS * self.n_processes :].view(SIDE_FIELDS, self.n_processes)
         side.zero_()
-        side[self.process_rank] = side_value
+        for field, value in enumerate(side_values):
+            side[field, self.process_rank] = value
         all_reduce(buffer)
         if self.server_blocks is not None:
             rps.copy_packets(send, self.server_blocks.to(send.dtype), silent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpointing
-from .exchange import RPSExchange
+from .exchange import SIDE_FIELDS, RPSExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
 from .replicas import BATCHING, WorkerReplicas
 from .rps import PacketLayout
@@ -77,6 +78,49 @@ class SimClock:
     @property
     def delivered_down(self) -> float:
         return self.delivered_down_sum / self.rounds if self.rounds else 1.0
+
+
+def mask_hash(outcome: RoundOutcome) -> float:
+    """A 24-bit hash of a round's masks (exact as an fp32 side value), to check every process applies the same."""
+    return float(zlib.crc32(np.packbits(outcome.down), zlib.crc32(np.packbits(outcome.up))) & 0xFFFFFF)
+
+
+class MaskAgreement:
+    """Checks that every process applied the same masks in a round (their hashes ride in the round's
+    all_reduce). On CPU at once; on CUDA one round later, from a non-blocking copy, so that a round
+    never waits for the device to check it."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[tuple[int, Tensor, float, Any]] = None
+
+    def submit(self, round_index: int, hashes: Tensor, own: float) -> None:
+        self.flush()
+        if hashes.numel() < 2:
+            return
+        if hashes.device.type != "cuda":
+            self._verify(round_index, hashes, own)
+            return
+        copy = torch.empty(hashes.shape, dtype=hashes.dtype, pin_memory=True)
+        copy.copy_(hashes, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (round_index, copy, own, event)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            round_index, copy, own, event = self._pending
+            self._pending = None
+            event.synchronize()
+            self._verify(round_index, copy, own)
+
+    @staticmethod
+    def _verify(round_index: int, hashes: Tensor, own: float) -> None:
+        values = hashes.tolist()
+        if any(v != own for v in values):
+            raise RuntimeError(
+                f"round {round_index}: the processes applied different masks (hashes by process: {[int(v) for v in values]}); "
+                "a network model with same_on_every_rank=True must give every process the same outcome for a round"
+            )
 
 
 class LossyPSStrategy(DDPStrategy):
@@ -171,6 +215,7 @@ class LossyPSStrategy(DDPStrategy):
         self._spec: Optional[RoundSpec] = None
         self._compute_start: Optional[float] = None
         self._clip_patched = False
+        self._mask_check = MaskAgreement()
 
     @property
     def n_workers(self) -> int:
@@ -272,7 +317,7 @@ class LossyPSStrategy(DDPStrategy):
             self._replicas.to(self.root_device, module)
         else:
             _sync_module_states(module)
-            self._replicas = WorkerReplicas(module, self.workers_per_device, layout.padded_numel, trailing=self.world_size)
+            self._replicas = WorkerReplicas(module, self.workers_per_device, layout.padded_numel, trailing=SIDE_FIELDS * self.world_size)
             self._replicas_of = id(module)
         self._replicas.batching = self.batching
         return layout
@@ -332,6 +377,7 @@ class LossyPSStrategy(DDPStrategy):
         return output
 
     def teardown(self) -> None:
+        self._mask_check.flush()
         if self.network is not None and self.is_global_zero:
             self.network.close()
         self._exchange = None  # its scratch buffers go; the replicas stay (a later validate/test evaluates them)
@@ -359,9 +405,11 @@ class LossyPSStrategy(DDPStrategy):
         outcome = self._obtain_outcome(spec)
         up = torch.from_numpy(outcome.up)
         down = torch.from_numpy(outcome.down)
-        side = self._exchange.step(up, down, self._all_reduce_sum, side_value=compute)
+        masks = mask_hash(outcome)
+        side = self._exchange.step(up, down, self._all_reduce_sum, (compute, masks))
+        self._mask_check.submit(spec.round, side[1], masks)
         # measured compute is the slowest process's: reading it waits for the device, a fixed one does not
-        compute_s = float(side.max()) if self.compute_time_s is None else self.compute_time_s
+        compute_s = float(side[0].max()) if self.compute_time_s is None else self.compute_time_s
         self._sync_buffers()
         delivered = outcome.delivered_fractions(spec)
         self.clock.advance(compute_s, outcome, delivered)

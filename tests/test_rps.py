@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pl_lossy import rps
-from pl_lossy.exchange import RPSExchange
+from pl_lossy.exchange import SIDE_FIELDS, RPSExchange
 
 
 def reference_round(models, up, down, n_servers, layout, server_state=None):
@@ -136,9 +136,10 @@ def _threaded_all_reduce(n):
 
 
 def _round_on_threads(exchanges, reducers, up, down, side_value):
-    """Every process's ``exchange.step`` at once (one thread each); returns their side values."""
+    """Every process's ``exchange.step`` at once (one thread each); returns their side values, the
+    first field from ``side_value(rank)``, the second ``rank + 10``."""
     sides = [None] * len(exchanges)
-    threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], side_value=side_value(r))))
+    threads = [threading.Thread(target=lambda r=r: sides.__setitem__(r, exchanges[r].step(up, down, reducers[r], (side_value(r), r + 10))))
                for r in range(len(exchanges))]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -167,7 +168,7 @@ def test_exchange_buffers_match_rps_round(colocated):
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         for r in range(W):
             torch.testing.assert_close(exchanges[r].blocks()[0].double(), reference[r], rtol=1e-6, atol=1e-6)
-            assert sides[r].tolist() == [1.0, 2.0, 3.0]
+            assert sides[r].tolist() == [[1.0, 2.0, 3.0], [10.0, 11.0, 12.0]]
             # the parameters are views of the exchanged storage
             flat = torch.cat([p.reshape(-1) for p in models[r]])
             assert torch.equal(flat, exchanges[r].blocks().reshape(-1)[: layout.numel])
@@ -189,7 +190,7 @@ def _exchanges_over_processes(W, k, S, dtype, colocated=True, seed=0):
     blocks.view(W, -1)[:, layout.numel :] = 0  # padding stays zero
     exchanges = []
     for r in range(n_proc):
-        storage = torch.zeros(k * layout.padded_numel + n_proc, dtype=dtype)
+        storage = torch.zeros(k * layout.padded_numel + SIDE_FIELDS * n_proc, dtype=dtype)
         storage[: k * layout.padded_numel] = blocks[r * k : (r + 1) * k].reshape(-1).to(dtype)
         exchanges.append(RPSExchange(storage, layout, r, n_proc, k, colocated))
     return layout, exchanges
@@ -213,7 +214,7 @@ def test_exchange_of_several_workers_per_process_matches_rps_round(n_proc, k, co
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         got = torch.cat([ex.blocks().double() for ex in exchanges])
         torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
-        assert sides[0].tolist() == [r + 0.5 for r in range(n_proc)]
+        assert sides[0].tolist() == [[r + 0.5 for r in range(n_proc)], [r + 10.0 for r in range(n_proc)]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -232,4 +233,4 @@ def test_averaging_identical_low_precision_replicas_leaves_them_unchanged(dtype,
     sides = _round_on_threads(exchanges, reducers, up, down, lambda r: 1.2345678)
     for ex in exchanges:
         assert torch.equal(ex.blocks(), same.expand_as(ex.blocks()))
-    assert sides[0].dtype == torch.float32 and float(sides[0][0]) == pytest.approx(1.2345678, rel=1e-7)
+    assert sides[0].dtype == torch.float32 and float(sides[0][0, 0]) == pytest.approx(1.2345678, rel=1e-7)

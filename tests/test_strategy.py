@@ -238,3 +238,29 @@ def test_parameters_frozen_at_setup_and_unfrozen_later_are_exchanged(tmp_path):
     start = flat_params(digits_model()[0])[:first_layer]
     assert not torch.equal(r0["params"][:first_layer], start)  # it trained in epoch 1
     torch.testing.assert_close(r0["params"][:first_layer], r1["params"][:first_layer], rtol=0, atol=1e-6)  # and was averaged
+
+
+class _DisagreeingNetwork(BernoulliNetwork):
+    """Claims every rank computes the same outcome, but from round 3 on each rank draws its own."""
+
+    def outcome(self, spec):
+        import torch.distributed as dist
+
+        if spec.round < 3:
+            return super().outcome(spec)
+        return BernoulliNetwork(self.uplink_drop_rate, seed=100 + dist.get_rank()).outcome(spec)
+
+
+def test_processes_applying_different_masks_fail_the_fit_naming_the_round():
+    model, dm = digits_model()
+    with pytest.raises(Exception, match="round 3: the processes applied different masks"):
+        fit(lossy(_DisagreeingNetwork(0.3, seed=1)), model, dm, limit_train_batches=6)
+
+
+def test_mask_agreement_check_fails_on_a_mismatch_and_passes_on_agreement():
+    from pl_lossy.strategy import MaskAgreement
+
+    check = MaskAgreement()
+    check.submit(7, torch.tensor([5.0, 5.0]), 5.0)
+    with pytest.raises(RuntimeError, match=r"round 8: the processes applied different masks \(hashes by process: \[5, 6\]\)"):
+        check.submit(8, torch.tensor([5.0, 6.0]), 5.0)

@@ -278,16 +278,24 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         assert strategy.replicas.mode == "vmap" and torch.isfinite(params).all()
         assert (params[0] - params[1]).abs().max() > 0
 
+    def test_cuda_mask_agreement_is_checked_one_round_later_without_waiting():
+        from pl_lossy.strategy import MaskAgreement
+
+        check = MaskAgreement()
+        check.submit(4, torch.tensor([3.0, 9.0], device="cuda"), 3.0)  # queued, not read yet
+        with pytest.raises(RuntimeError, match="round 4: the processes applied different masks"):
+            check.flush()
+
     def test_cuda_exchange_of_several_workers_matches_rps_round():
         import numpy as np
 
         from pl_lossy import rps
-        from pl_lossy.exchange import RPSExchange
+        from pl_lossy.exchange import SIDE_FIELDS, RPSExchange
 
         W, S = 5, 3
         layout = rps.PacketLayout.for_model(1001, S, packet_bytes=64)
         torch.manual_seed(0)
-        storage = torch.randn(W * layout.padded_numel + 1, device="cuda")
+        storage = torch.randn(W * layout.padded_numel + SIDE_FIELDS, device="cuda")
         exchange = RPSExchange(storage, layout, 0, 1, W)
         reference = exchange.blocks().double().cpu()
         rng = np.random.default_rng(0)
