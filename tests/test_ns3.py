@@ -5,6 +5,7 @@ import signal
 import time
 
 import numpy as np
+import torch
 import pytest
 import zmq
 
@@ -387,3 +388,36 @@ def test_leaf_spine_rounds_are_the_same_in_any_order(bridge, tmp_path):
     for a, b in zip(forward, backward):
         assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down) and a.stats == b.stats
     assert sum(o.stats["drops_queue"] for o in forward) > 0
+
+
+@pytest.mark.parametrize("processes, k", [(2, 1), (1, 2)])
+def test_resume_over_ns3_continues_the_drop_sequence_and_equals_the_uninterrupted_fit(bridge, tmp_path, processes, k):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import SaveWorkers, digits_model, fit, trace_masks
+
+    def strategy(trace):
+        network = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, link_rate="1Gbps", seed=3)
+        return LossyPSStrategy(network=network, workers_per_device=k, start_method="fork", record_trace=str(tmp_path / trace))
+
+    kw = dict(devices=processes, limit_train_batches=4, limit_val_batches=1)
+    for name in ("full", "resumed"):
+        (tmp_path / name).mkdir()
+    model, dm = digits_model(momentum=0.9, hidden=(256,))  # 35 packets a block: replicas end apart
+    full = SaveWorkers(tmp_path / "full")
+    fit(strategy("full.npz"), model, dm, max_epochs=2, callbacks=[full], **kw)
+    model, dm = digits_model(momentum=0.9, hidden=(256,))
+    fit(strategy("first.npz"), model, dm, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        enable_checkpointing=True, **kw)
+    model, dm = digits_model(momentum=0.9, hidden=(256,))
+    resumed = SaveWorkers(tmp_path / "resumed")
+    fit(strategy("resumed.npz"), model, dm, max_epochs=2, callbacks=[resumed], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **kw)
+    a, b = trace_masks(tmp_path / "full.npz"), trace_masks(tmp_path / "resumed.npz")
+    assert b["rounds"].tolist() == a["rounds"][4:].tolist() == [4, 5, 6, 7]
+    assert np.array_equal(b["up"], a["up"][4:]) and not np.unpackbits(a["up"]).all()  # the same drops, and there were drops
+    full_params, _ = full.load(processes)
+    resumed_params, _ = resumed.load(processes)
+    assert (full_params[0] - full_params[1]).abs().max() > 1e-4
+    torch.testing.assert_close(resumed_params, full_params, rtol=0, atol=0)
