@@ -28,7 +28,7 @@ import zmq
 from . import protocol
 from .lifetime import die_with_parent
 from .sim.config import NetworkConfig
-from .sim.round import RoundShape
+from .sim.round import SIM_PACKETS_PER_S, RoundShape, packet_budget
 
 _LOCAL_TCP = re.compile(r"tcp://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):\d+$")
 MAX_ATTEMPTS = 2  # simulations of one round that may die before the round is reported as failed
@@ -109,9 +109,10 @@ class SimulationProcess:
 
 class BridgeServer:
     def __init__(self, workers: int = 1, sim_timeout_s: float = 3600.0, cache_rounds: int = 1024,
-                 queue_rounds: int = 256) -> None:
+                 queue_rounds: int = 256, max_round_packets: Optional[int] = None) -> None:
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
+        self.max_round_packets = packet_budget(sim_timeout_s) if max_round_packets is None else max_round_packets
         self.sims = [SimulationProcess() for _ in range(workers)]
         self.sim_timeout_s = sim_timeout_s
         self.cache_rounds = cache_rounds
@@ -202,13 +203,25 @@ class BridgeServer:
         if self.config is None:
             raise protocol.ProtocolError("the bridge is not configured: send 'configure' first")
 
+    def _rounds(self, header: dict[str, Any]) -> list[RoundShape]:
+        """The request's rounds, each within this bridge's packet budget (checked before anything is queued)."""
+        shapes = protocol.parse_rounds(header)
+        for shape in shapes:
+            if shape.training_packets > self.max_round_packets:
+                raise protocol.ProtocolError(
+                    f"round {shape.round} has {shape.training_packets:,} packets, over this bridge's budget of "
+                    f"{self.max_round_packets:,} (--max-round-packets; at ~{SIM_PACKETS_PER_S:,} packets/s it would simulate "
+                    f"for ~{shape.training_packets / SIM_PACKETS_PER_S:,.0f} s)"
+                )
+        return shapes
+
     def _known(self, shape: RoundShape) -> bool:
         return shape in self.cache or shape in self.queue or any(s.task == shape for s in self.sims)
 
     def _prefetch(self, header: dict[str, Any]) -> list[bytes]:
         self._require_config()
         queued = 0
-        for shape in protocol.parse_rounds(header):
+        for shape in self._rounds(header):
             if len(self.queue) >= self.queue_rounds:
                 break
             if not self._known(shape):
@@ -218,7 +231,7 @@ class BridgeServer:
 
     def _outcome(self, header: dict[str, Any]) -> Optional[list[bytes]]:
         self._require_config()
-        shapes = protocol.parse_rounds(header)
+        shapes = self._rounds(header)
         for shape in reversed(shapes):  # the rounds asked for now go first, in request order
             if shape in self.cache or any(s.task == shape for s in self.sims):
                 continue
@@ -351,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-timeout-s", type=float, default=3600.0, help="longest a single round may simulate")
     p.add_argument("--cache-rounds", type=int, default=1024, help="outcomes kept for repeated requests")
     p.add_argument("--queue-rounds", type=int, default=256, help="most rounds queued by prefetch")
+    p.add_argument("--max-round-packets", type=int, default=None,
+                   help=f"refuse rounds of more training packets (default: what --sim-timeout-s allows at ~{SIM_PACKETS_PER_S:,}/s)")
     p.add_argument("--allow-remote", action="store_true", help="allow binding non-loopback tcp addresses")
     args = p.parse_args(argv)
     _check_endpoint(args.endpoint, args.allow_remote)
@@ -359,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)  # even stopped or hung, this process goes when the parent does
-    server = BridgeServer(args.workers, args.sim_timeout_s, args.cache_rounds, args.queue_rounds)
+    server = BridgeServer(args.workers, args.sim_timeout_s, args.cache_rounds, args.queue_rounds, args.max_round_packets)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "stopping", True))
     ctx = zmq.Context()

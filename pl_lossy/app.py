@@ -59,6 +59,10 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
             strategy.check_world_size(trainer.world_size)
         except ValueError as exc:
             raise ConfigError(f"invalid `strategy` config: {exc}") from exc
+        try:
+            strategy.network.check_round(strategy.round_spec_for(model, trainer.world_size))
+        except ValueError as exc:
+            raise ConfigError(f"invalid `network` config: {exc}") from exc
     return trainer, model, datamodule, summary
 
 

@@ -231,6 +231,15 @@ class LossyPSStrategy(DDPStrategy):
     def replicas(self) -> Optional[WorkerReplicas]:
         return self._replicas
 
+    def round_spec_for(self, module: torch.nn.Module, world_size: int) -> RoundSpec:
+        """The rounds a fit of ``module`` on ``world_size`` processes will run (round 0), known before launch."""
+        n_workers = world_size * self.workers_per_device
+        n_servers = self.num_servers or n_workers
+        numel = sum(p.numel() for p in module.parameters() if p.dtype.is_floating_point)
+        layout = PacketLayout.for_model(numel, n_servers, self.packet_bytes)
+        return RoundSpec(0, n_workers, n_servers, layout.packets_per_block, layout.packet_bytes, self.network.transport,
+                         self.colocated_servers)
+
     def check_world_size(self, world_size: int) -> None:
         """Raise ValueError if this strategy cannot run on ``world_size`` processes (checked before launch)."""
         n_workers = world_size * self.workers_per_device
@@ -279,15 +288,8 @@ class LossyPSStrategy(DDPStrategy):
         self._exchange = RPSExchange(
             self._replicas.storage, layout, self.global_rank, self.world_size, self.workers_per_device, self.colocated_servers
         )
-        self._spec = RoundSpec(
-            round=0,
-            n_workers=self.n_workers,
-            n_servers=n_servers,
-            packets_per_block=layout.packets_per_block,
-            packet_bytes=layout.packet_bytes,
-            transport=self.network.transport,
-            colocated_servers=self.colocated_servers,
-        )
+        self._spec = self.round_spec_for(self.model, self.world_size)
+        self.network.check_round(self._spec)  # the app checks this before launch; here for every other way in
         self.clock = SimClock()  # a fit starts at round 0; a checkpoint, restored after setup, may move it on
         self.last_round = self.last_divergence = None
         if isinstance(self.network, TraceRecorder) and not self.is_global_zero:

@@ -59,6 +59,7 @@ def test_sixteen_virtual_workers_in_one_process_over_ns3(tmp_path):
         ("strategy.num_servers=3", "num_servers=3 co-located servers need at least as many workers; there are 2"),
         ("trainer.devices=0", "invalid `trainer` config"),
         ("strategy.workers_per_device=0", "invalid `strategy` config: workers_per_device must be an integer >= 1, got 0"),
+        ("network.max_round_packets=10", "invalid `network` config: a round of 2 workers x 2 servers x 14 packets a block is 56 packets, over max_round_packets=10"),
     ],
 )
 def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, override, message):

@@ -159,3 +159,13 @@ def test_a_trace_of_a_tcp_run_is_labelled_tcp_and_replays(tmp_path):
     replay = TraceNetwork(tmp_path / "t.npz")
     assert replay.transport == "tcp"
     assert np.array_equal(replay.outcome(spec).up, np.ones(spec.up_shape, bool))
+
+
+def test_ns3_refuses_a_round_over_its_packet_budget_naming_the_setting():
+    from pl_lossy import Ns3Network
+
+    spec = RoundSpec(0, 64, 64, 20_000)  # 161 million packets: hours of simulation
+    with pytest.raises(ValueError, match=r"161,280,000 packets, over max_round_packets=4,800,000 .*network.max_round_packets"):
+        Ns3Network(timeout_s=120).check_round(spec)
+    Ns3Network(max_round_packets=200_000_000).check_round(spec)  # a budget you set is the budget you get
+    Ns3Network().check_round(RoundSpec(0, 4, 4, 100))

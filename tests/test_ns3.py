@@ -1,12 +1,14 @@
 """ns-3 in the loop: the real bridge server driving the real simulator."""
 
+import contextlib
 import os
 import signal
 import time
+from collections import Counter
 
 import numpy as np
-import torch
 import pytest
+import torch
 import zmq
 
 from ns3_bridge import protocol
@@ -103,15 +105,7 @@ def test_burst_error_model_matches_its_mean_loss(bridge):
 
 
 def test_malformed_messages_get_error_replies_and_the_bridge_keeps_serving(bridge):
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 60_000)
-    sock.connect(bridge.endpoint)
-
-    def ask(*parts):
-        sock.send_multipart(list(parts))
-        return protocol.decode(sock.recv_multipart())[0]
-
+    bridge.client.configure(NetworkConfig())  # round shapes are checked once the bridge is configured
     bad = [
         (b"not json", "not a JSON object"),
         (b"[1, 2]", "must be a JSON object"),
@@ -126,11 +120,80 @@ def test_malformed_messages_get_error_replies_and_the_bridge_keeps_serving(bridg
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": "2", "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100}]}', "'n_workers' must be an integer"),
         (b'{"v": 1, "type": "outcome", "rounds": [{"round": 0, "n_workers": 2, "n_servers": 2, "packets_per_block": 3, "packet_bytes": 100, "transport": "quic"}]}', "'transport' must be one of ('udp', 'tcp', 'none')"),
     ]
-    for message, expected in bad:
-        reply = ask(message)
-        assert reply["type"] == "error" and expected in reply["message"], (message, reply)
-    assert ask(b'{"v": 1, "type": "ping"}')["type"] == "pong"
-    sock.close(0)
+    with _raw_socket(bridge) as ask:
+        for message, expected in bad:
+            reply = ask(message)
+            assert reply["type"] == "error" and expected in reply["message"], (message, reply)
+        assert ask(b'{"v": 1, "type": "ping"}')["type"] == "pong"
+
+
+def test_fuzzed_requests_each_get_an_error_and_leave_a_valid_round_unchanged(bridge):
+    """Bounded fuzzing (seeded, ~2,000 requests, seconds): random bytes, broken JSON, wrong versions,
+    types and ranges, extra frames, oversized lists and rounds over the packet budget."""
+    import json
+
+    rng = np.random.default_rng(2026)
+    config = NetworkConfig(loss_rate=0.2, seed=9)
+    shape = RoundShape(3, 3, 3, 40, 200)
+    before = simulate(bridge, config, [shape])[0]
+    valid = {"round": 0, "n_workers": 3, "n_servers": 3, "packets_per_block": 40, "packet_bytes": 200}
+    wrong = {key: [-1, 2**40, "3", 3.5, None, True, [], {}] for key in valid}  # every one invalid for its key
+    wrong.update(colocated_servers=[None, 1, "yes", []], transport=["quic", 3, None, ""], colour=["red"])
+
+    def broken_round():
+        key = str(rng.choice(list(wrong)))
+        return {**valid, key: wrong[key][rng.integers(len(wrong[key]))]}
+
+    def message():
+        kind = rng.integers(8)
+        if kind == 0:
+            return [rng.bytes(int(rng.integers(0, 300)))]
+        if kind == 1:
+            text = json.dumps({"v": 1, "type": "outcome", "rounds": [valid]})
+            return [text[: int(rng.integers(1, len(text) - 1))].encode()]
+        if kind == 2:
+            return [json.dumps({"v": [0, 2, 99, -1, "1", None, 1.5][rng.integers(7)], "type": "ping"}).encode()]
+        if kind == 3:
+            return [json.dumps({"v": 1, "type": str(rng.choice(["", "Ping", "outcomes", "rm -rf", "x" * 1000]))}).encode()]
+        if kind == 4:
+            return [json.dumps({"v": 1, "type": str(rng.choice(["outcome", "prefetch"])), "rounds": [broken_round()]}).encode()]
+        if kind == 5:
+            return [json.dumps({"v": 1, "type": "configure", "network": {"loss_rate": float(rng.uniform(1.01, 9))}}).encode()]
+        if kind == 6:
+            return [json.dumps({"v": 1, "type": "outcome", "rounds": [valid] * 5000}).encode(), *[rng.bytes(10)] * 3]
+        huge = {**valid, "n_workers": 64, "n_servers": 64, "packets_per_block": 20_000}  # 161M packets: over the budget
+        return [json.dumps({"v": 1, "type": str(rng.choice(["outcome", "prefetch"])), "rounds": [huge]}).encode()]
+
+    seen = Counter()
+    with _raw_socket(bridge) as ask:
+        for _ in range(2000):
+            reply = ask(*message())
+            assert reply["type"] == "error", reply
+            seen[reply["message"][:30]] += 1
+        huge = {**valid, "n_workers": 64, "n_servers": 64, "packets_per_block": 20_000}
+        refused = ask(*protocol.encode({"type": "outcome", "rounds": [huge]}))
+    assert "161,280,000 packets, over this bridge's budget" in refused["message"] and "--max-round-packets" in refused["message"]
+    assert len(seen) > 8 and bridge.client.ping()["type"] == "pong"
+    after = simulate(bridge, config, [shape])[0]
+    assert np.array_equal(after.up, before.up) and np.array_equal(after.down, before.down)
+
+
+@contextlib.contextmanager
+def _raw_socket(bridge):
+    """``ask(*frames) -> reply header`` over a socket of our own (no client-side checks)."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    sock.connect(bridge.endpoint)
+
+    def ask(*parts):
+        sock.send_multipart(list(parts))
+        return protocol.decode(sock.recv_multipart())[0]
+
+    try:
+        yield ask
+    finally:
+        sock.close(0)
 
 
 def test_outcome_before_configure_is_an_error(tmp_path):
@@ -421,3 +484,27 @@ def test_resume_over_ns3_continues_the_drop_sequence_and_equals_the_uninterrupte
     resumed_params, _ = resumed.load(processes)
     assert (full_params[0] - full_params[1]).abs().max() > 1e-4
     torch.testing.assert_close(resumed_params, full_params, rtol=0, atol=0)
+
+
+def test_a_training_rank_killed_mid_fit_fails_the_fit_and_leaves_no_bridge(tmp_path):
+    """The other rank must not wait forever in a collective, and rank 0's bridge dies with rank 0."""
+    import pytorch_lightning as pl
+
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import digits_model, fit
+
+    class KillRankOne(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.is_global_zero and trainer.strategy.round == 2:
+                (tmp_path / "bridge.pid").write_text(str(trainer.strategy.network.bridge_pid))
+            if trainer.global_rank == 1 and trainer.strategy.round == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    model, dm = digits_model()
+    strategy = LossyPSStrategy(network=Ns3Network(loss_rate=0.01, timeout_s=30), start_method="fork")
+    start = time.monotonic()
+    with pytest.raises(Exception, match="SIGKILL"):
+        fit(strategy, model, dm, max_epochs=3, callbacks=[KillRankOne()])
+    assert time.monotonic() - start < 60
+    assert _gone(int((tmp_path / "bridge.pid").read_text()))

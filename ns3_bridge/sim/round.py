@@ -10,6 +10,15 @@ import numpy as np
 # fabric (blocks are delivered outside it at once), to measure the background traffic alone
 TRANSPORTS = ("udp", "tcp", "none")
 
+#: Training packets per wall second one simulation process gets through, the slowest measured here
+#: (leaf-spine, 32 workers; the star simulates 57-66k/s): what round budgets are sized with.
+SIM_PACKETS_PER_S = 40_000
+
+
+def packet_budget(seconds: float) -> int:
+    """The most training packets a round may have to simulate within ``seconds`` at :data:`SIM_PACKETS_PER_S`."""
+    return int(seconds * SIM_PACKETS_PER_S)
+
 
 @dataclass(frozen=True)
 class RoundShape:
@@ -29,6 +38,14 @@ class RoundShape:
 
     def server_host(self, j: int) -> int:
         return j if self.colocated_servers else self.n_workers + j
+
+    @property
+    def training_packets(self) -> int:
+        """Packets of training traffic the round sends (both phases; TCP adds ACKs and retransmissions)."""
+        if self.transport == "none":
+            return 0
+        local = min(self.n_workers, self.n_servers) if self.colocated_servers else 0
+        return 2 * (self.n_workers * self.n_servers - local) * self.packets_per_block
 
     def remote_pairs(self) -> list[tuple[int, int]]:
         """(worker, server) pairs whose traffic crosses the network."""

@@ -134,6 +134,9 @@ class NetworkModel(abc.ABC):
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         """The outcome of round ``spec.round``; a pure function of (config, seed, spec)."""
 
+    def check_round(self, spec: RoundSpec) -> None:
+        """Raise ValueError if rounds of this size are more than this model will take on (checked before launch)."""
+
     def prefetch(self, specs: Iterable[RoundSpec]) -> None:
         """Hint that these rounds will be asked for soon (may be a no-op)."""
 

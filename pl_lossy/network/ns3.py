@@ -12,7 +12,7 @@ from typing import Any, Iterable, Optional
 from ns3_bridge.client import BridgeClient, BridgeError
 from ns3_bridge.lifetime import private_ipc_endpoint
 from ns3_bridge.sim.config import NetworkConfig
-from ns3_bridge.sim.round import TRANSPORTS, RoundShape
+from ns3_bridge.sim.round import SIM_PACKETS_PER_S, TRANSPORTS, RoundShape, packet_budget
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
 
@@ -66,6 +66,7 @@ class Ns3Network(NetworkModel):
         startup_timeout_s: float = 300.0,
         sim_workers: int = 1,
         run_ahead: int = 0,
+        max_round_packets: Optional[int] = None,
         **settings: Any,
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
@@ -86,6 +87,11 @@ class Ns3Network(NetworkModel):
             raise ValueError("sim_workers applies to the bridge Ns3Network starts; start yours with --workers")
         self.sim_workers = int(sim_workers)
         self.run_ahead = int(run_ahead)
+        if max_round_packets is not None and (isinstance(max_round_packets, bool) or int(max_round_packets) != max_round_packets
+                                              or max_round_packets < 1):
+            raise ValueError(f"max_round_packets must be a positive integer or None (sized from timeout_s), got {max_round_packets!r}")
+        # a round the simulation cannot finish within timeout_s is refused before it starts
+        self.max_round_packets = packet_budget(timeout_s) if max_round_packets is None else int(max_round_packets)
         self._ahead_until = -1  # the last round already asked for in advance
         self.endpoint = endpoint
         self.timeout_s = float(timeout_s)
@@ -108,7 +114,7 @@ class Ns3Network(NetworkModel):
             endpoint = private_ipc_endpoint(f"pl-lossy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint, "--parent-pid", str(os.getpid()),
-                 "--workers", str(self.sim_workers)],
+                 "--workers", str(self.sim_workers), "--max-round-packets", str(self.max_round_packets)],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop the bridge in close()
             )
@@ -126,7 +132,18 @@ class Ns3Network(NetworkModel):
         self._client = client
         return client
 
+    def check_round(self, spec: RoundSpec) -> None:
+        packets = self._shape(spec, spec.round).training_packets
+        if packets > self.max_round_packets:
+            raise ValueError(
+                f"a round of {spec.n_workers} workers x {spec.n_servers} servers x {spec.packets_per_block} packets a block is "
+                f"{packets:,} packets, over max_round_packets={self.max_round_packets:,} (~{packets / SIM_PACKETS_PER_S:,.0f} s of ns-3 "
+                f"at ~{SIM_PACKETS_PER_S:,} packets/s, timeout_s={self.timeout_s:g}): use fewer workers, larger packets "
+                "(strategy.packet_bytes), an analytic network, or raise network.max_round_packets and network.timeout_s"
+            )
+
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
+        self.check_round(spec)
         client = self._connect()
         if self.run_ahead:
             # queue rounds r+1..r+run_ahead first: the pool simulates them while training computes

@@ -42,6 +42,9 @@ class TraceRecorder(NetworkModel):
         self._rounds[spec.round] = out
         return out
 
+    def check_round(self, spec: RoundSpec) -> None:
+        self.network.check_round(spec)
+
     def prefetch(self, specs) -> None:
         self.network.prefetch(specs)
 
