@@ -11,6 +11,10 @@ import uuid
 from ns3_bridge.client import BridgeClient
 
 
+#: pids of bridges a test fixture keeps running on purpose (the leak check ignores them and their children)
+RUNNING: set[int] = set()
+
+
 class RunningBridge:
     def __init__(self, tmp_dir, workers=1):
         self.endpoint = f"ipc://{tmp_dir}/bridge-{uuid.uuid4().hex[:8]}.ipc"
@@ -19,10 +23,12 @@ class RunningBridge:
              "--workers", str(workers)],
             stdin=subprocess.DEVNULL,
         )
+        RUNNING.add(self.process.pid)
         self.client = BridgeClient(self.endpoint, timeout_s=300, alive=lambda: self.process.poll() is None)
         self.client.ping(timeout_s=300)
 
     def stop(self):
+        RUNNING.discard(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(20)
