@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional
 
 import zmq
 
+from .keys import client_keys
+
 from . import protocol
 from .sim.config import NetworkConfig
 from .sim.round import RoundShape, SimulatedRound
@@ -23,10 +25,13 @@ class BridgeClient:
     once instead of after the whole timeout.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 120.0, alive: Optional[Callable[[], bool]] = None) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 120.0, alive: Optional[Callable[[], bool]] = None,
+                 curve_keys: Optional[str] = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.alive = alive
+        # CURVE (see ns3_bridge.keys): encrypted, and answered only if the bridge holds our public key
+        self._curve = client_keys(curve_keys) if curve_keys else None
         self._ctx = zmq.Context.instance()
         self._sock: Optional[zmq.Socket] = None
 
@@ -34,6 +39,8 @@ class BridgeClient:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = self._curve
             self._sock.connect(self.endpoint)
         return self._sock
 

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import zmq
 
 from . import protocol
+from .keys import CLIENTS, server_keys
 from .lifetime import die_with_parent
 from .sim.config import NetworkConfig
 from .sim.round import SIM_PACKETS_PER_S, RoundShape, packet_budget
@@ -320,13 +321,34 @@ class BridgeServer:
             sim.stop()
 
 
-def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
-    if endpoint.startswith("ipc://") or allow_remote or _LOCAL_TCP.match(endpoint):
+def _check_endpoint(endpoint: str, allow_remote: bool, curve_keys: Optional[str]) -> None:
+    if endpoint.startswith("ipc://") or _LOCAL_TCP.match(endpoint):
         return
-    raise SystemExit(
-        f"error: endpoint {endpoint!r} is neither ipc:// nor loopback tcp://127.0.0.1:PORT; "
-        "pass --allow-remote to listen on other addresses"
-    )
+    if not allow_remote:
+        raise SystemExit(
+            f"error: endpoint {endpoint!r} is neither ipc:// nor loopback tcp://127.0.0.1:PORT; "
+            "pass --allow-remote (with --curve-keys) to listen on other addresses"
+        )
+    if not curve_keys:
+        raise SystemExit(
+            f"error: a bridge on {endpoint!r} (reachable from other machines) needs --curve-keys DIR: "
+            "make them with python -m ns3_bridge.keys DIR"
+        )
+
+
+def _serve_curve(ctx: zmq.Context, sock: zmq.Socket, keys_dir: str):
+    """Encrypt with the bridge's key pair and answer only clients whose public key is in ``keys_dir/clients``."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    public, secret = server_keys(keys_dir)
+    clients = os.path.join(keys_dir, CLIENTS)
+    if not os.path.isdir(clients):
+        raise SystemExit(f"error: no {clients}/ with the public keys of allowed clients (python -m ns3_bridge.keys makes one)")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=clients)
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_server = public, secret, True
+    return auth
 
 
 def serve(server: BridgeServer, sock: zmq.Socket, parent_pid: Optional[int]) -> None:
@@ -366,9 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queue-rounds", type=int, default=256, help="most rounds queued by prefetch")
     p.add_argument("--max-round-packets", type=int, default=None,
                    help=f"refuse rounds of more training packets (default: what --sim-timeout-s allows at ~{SIM_PACKETS_PER_S:,}/s)")
-    p.add_argument("--allow-remote", action="store_true", help="allow binding non-loopback tcp addresses")
+    p.add_argument("--allow-remote", action="store_true", help="allow binding non-loopback tcp addresses (needs --curve-keys)")
+    p.add_argument("--curve-keys", default=None, help="folder from python -m ns3_bridge.keys: CURVE encryption and client keys")
     args = p.parse_args(argv)
-    _check_endpoint(args.endpoint, args.allow_remote)
+    _check_endpoint(args.endpoint, args.allow_remote, args.curve_keys)
     if args.workers < 1:
         raise SystemExit(f"error: --workers must be >= 1, got {args.workers}")
 
@@ -380,15 +403,22 @@ def main(argv: list[str] | None = None) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 0)
+    auth = None
     try:
+        if args.curve_keys:
+            auth = _serve_curve(ctx, sock, args.curve_keys)
         sock.bind(args.endpoint)
-    except zmq.ZMQError as exc:
-        raise SystemExit(f"error: cannot bind {args.endpoint}: {exc}") from None
+    except (zmq.ZMQError, OSError, ValueError) as exc:
+        if auth is not None:
+            auth.stop()
+        raise SystemExit(f"error: cannot serve on {args.endpoint}: {exc}") from None
     print(f"ns3_bridge: serving on {args.endpoint} (pid {os.getpid()}, {args.workers} simulation workers)", flush=True)
     try:
         serve(server, sock, args.parent_pid)
     finally:
         server.stop()
+        if auth is not None:
+            auth.stop()
         sock.close(0)
         ctx.term()
         if args.endpoint.startswith("ipc://") and not args.endpoint.startswith("ipc://@"):  # @: abstract, no file

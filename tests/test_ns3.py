@@ -12,7 +12,7 @@ import torch
 import zmq
 
 from ns3_bridge import protocol
-from ns3_bridge.client import BridgeError
+from ns3_bridge.client import BridgeClient, BridgeError
 from ns3_bridge.sim.config import NetworkConfig
 from ns3_bridge.sim.round import RoundShape
 
@@ -393,6 +393,42 @@ def test_the_server_refuses_non_loopback_addresses_unless_asked():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "neither ipc:// nor loopback" in proc.stderr and "--allow-remote" in proc.stderr
+
+
+def test_a_remote_bridge_needs_curve_keys_and_answers_only_clients_it_knows(tmp_path):
+    """CURVE on a loopback tcp endpoint: the right keys get answers; no keys, or a key the bridge does not
+    hold, get nothing (the request times out); --allow-remote without keys refuses to start."""
+    import socket
+    import subprocess
+    import sys
+
+    from ns3_bridge.keys import make_keys
+
+    proc = subprocess.run([sys.executable, "-m", "ns3_bridge.server", "--endpoint", "tcp://0.0.0.0:5999", "--allow-remote"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "needs --curve-keys DIR" in proc.stderr
+    made = subprocess.run([sys.executable, "-m", "ns3_bridge.keys", str(tmp_path / "keys")], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and "keys made in" in made.stdout, made.stderr
+    keys, stranger = tmp_path / "keys", make_keys(tmp_path / "stranger")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    server = subprocess.Popen([sys.executable, "-m", "ns3_bridge.server", "--endpoint", endpoint, "--curve-keys", str(keys),
+                               "--parent-pid", str(os.getpid())], stdin=subprocess.DEVNULL)
+    try:
+        from pl_lossy import Ns3Network
+        from pl_lossy.network import RoundSpec
+
+        with Ns3Network(endpoint=endpoint, curve_keys=str(keys), loss_rate=0.2, seed=1, startup_timeout_s=120) as network:
+            outcome = network.outcome(RoundSpec(0, 3, 3, 50))
+        assert 0.7 < outcome.delivered_fractions(RoundSpec(0, 3, 3, 50))[0] < 0.9
+        for client in (BridgeClient(endpoint, timeout_s=3), BridgeClient(endpoint, timeout_s=3, curve_keys=str(stranger))):
+            with pytest.raises(BridgeError, match="did not answer"):
+                client.ping()
+            client.close()
+    finally:
+        server.terminate()
+        server.wait(20)
 
 
 # ---------------------------------------------------------------- leaf-spine

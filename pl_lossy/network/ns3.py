@@ -67,6 +67,7 @@ class Ns3Network(NetworkModel):
         sim_workers: int = 1,
         run_ahead: int = 0,
         max_round_packets: Optional[int] = None,
+        curve_keys: Optional[str] = None,
         **settings: Any,
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
@@ -94,6 +95,9 @@ class Ns3Network(NetworkModel):
         self.max_round_packets = packet_budget(timeout_s) if max_round_packets is None else int(max_round_packets)
         self._ahead_until = -1  # the last round already asked for in advance
         self.endpoint = endpoint
+        if curve_keys is not None and endpoint is None:
+            raise ValueError("curve_keys is for a bridge you run at `endpoint` (the bridge Ns3Network starts is private and key-free)")
+        self.curve_keys = curve_keys
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
         self._client: Optional[BridgeClient] = None
@@ -121,7 +125,7 @@ class Ns3Network(NetworkModel):
             atexit.register(self.close)
             process = self._process
             alive = lambda: process.poll() is None  # noqa: E731
-        client = BridgeClient(endpoint, self.timeout_s, alive=alive)
+        client = BridgeClient(endpoint, self.timeout_s, alive=alive, curve_keys=self.curve_keys)
         try:
             client.ping(timeout_s=self.startup_timeout_s)
             client.configure(self.config, timeout_s=self.startup_timeout_s)
