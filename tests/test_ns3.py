@@ -395,6 +395,22 @@ def test_the_server_refuses_non_loopback_addresses_unless_asked():
     assert "neither ipc:// nor loopback" in proc.stderr and "--allow-remote" in proc.stderr
 
 
+def test_removing_a_bridges_ipc_file_keeps_connected_clients_served_and_new_ones_fail_by_name(tmp_path):
+    """A bridge you run on a file endpoint: its socket file deleted under it. Connected clients (a training run)
+    continue; a new client gets the usual clear error within its timeout."""
+    own = RunningBridge(tmp_path)
+    try:
+        path = own.endpoint[len("ipc://"):]
+        os.unlink(path)
+        assert own.client.ping()["type"] == "pong"
+        newcomer = BridgeClient(own.endpoint, timeout_s=2)
+        with pytest.raises(BridgeError, match=r"ns-3 bridge at ipc://\S+ did not answer 'ping' within 2 s"):
+            newcomer.ping()
+        newcomer.close()
+    finally:
+        own.stop()
+
+
 def test_a_remote_bridge_needs_curve_keys_and_answers_only_clients_it_knows(tmp_path):
     """CURVE on a loopback tcp endpoint: the right keys get answers; no keys, or a key the bridge does not
     hold, get nothing (the request times out); --allow-remote without keys refuses to start."""
