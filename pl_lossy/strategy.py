@@ -231,13 +231,16 @@ class LossyPSStrategy(DDPStrategy):
     def replicas(self) -> Optional[WorkerReplicas]:
         return self._replicas
 
+    def _layout(self, module: torch.nn.Module, n_workers: int) -> PacketLayout:
+        """How every floating-point parameter of ``module`` (frozen ones too) is cut into packets."""
+        numel = sum(p.numel() for p in module.parameters() if p.dtype.is_floating_point)
+        return PacketLayout.for_model(numel, self.num_servers or n_workers, self.packet_bytes)
+
     def round_spec_for(self, module: torch.nn.Module, world_size: int) -> RoundSpec:
         """The rounds a fit of ``module`` on ``world_size`` processes will run (round 0), known before launch."""
         n_workers = world_size * self.workers_per_device
-        n_servers = self.num_servers or n_workers
-        numel = sum(p.numel() for p in module.parameters() if p.dtype.is_floating_point)
-        layout = PacketLayout.for_model(numel, n_servers, self.packet_bytes)
-        return RoundSpec(0, n_workers, n_servers, layout.packets_per_block, layout.packet_bytes, self.network.transport,
+        layout = self._layout(module, n_workers)
+        return RoundSpec(0, n_workers, layout.n_servers, layout.packets_per_block, layout.packet_bytes, self.network.transport,
                          self.colocated_servers)
 
     def check_world_size(self, world_size: int) -> None:
@@ -284,7 +287,6 @@ class LossyPSStrategy(DDPStrategy):
                 "this LightningModule optimizes manually: use workers_per_device=1"
             )
         layout = self._setup_replicas(fresh=True)
-        n_servers = self.num_servers or self.n_workers
         self._exchange = RPSExchange(
             self._replicas.storage, layout, self.global_rank, self.world_size, self.workers_per_device, self.colocated_servers
         )
@@ -295,7 +297,7 @@ class LossyPSStrategy(DDPStrategy):
         if isinstance(self.network, TraceRecorder) and not self.is_global_zero:
             self.network = self.network.network  # only rank 0 records
         rank_zero_info(
-            f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {n_servers} "
+            f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {layout.n_servers} "
             f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
             f"{layout.packets_per_block} packets x {layout.packet_bytes} B; network {self.network.describe()}"
         )
@@ -308,9 +310,7 @@ class LossyPSStrategy(DDPStrategy):
         every rank to rank 0's; without them, rank 0's state is broadcast as DDP does.
         """
         module = self.lightning_module
-        n_servers = self.num_servers or self.n_workers
-        numel = sum(p.numel() for p in module.parameters() if p.dtype.is_floating_point)
-        layout = PacketLayout.for_model(numel, n_servers, self.packet_bytes)
+        layout = self._layout(module, self.n_workers)
         reuse = (
             not fresh and self._replicas is not None and self._replicas_of == id(module)
             and self._replicas.k == self.workers_per_device and self._replicas.row_numel == layout.padded_numel
@@ -407,7 +407,7 @@ class LossyPSStrategy(DDPStrategy):
         outcome = self._obtain_outcome(spec)
         up = torch.from_numpy(outcome.up)
         down = torch.from_numpy(outcome.down)
-        masks = mask_hash(outcome)
+        masks = mask_hash(outcome) if self.world_size > 1 else 0.0  # one process has no one to disagree with
         side = self._exchange.step(up, down, self._all_reduce_sum, (compute, masks))
         self._mask_check.submit(spec.round, side[1], masks)
         # measured compute is the slowest process's: reading it waits for the device, a fixed one does not
