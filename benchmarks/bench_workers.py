@@ -88,6 +88,53 @@ def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batchin
     return timer.times[args.warmup :]
 
 
+def raw_step_times(args, k: int, b: int, steps: int) -> tuple[list[float], list[float]]:
+    """Without Lightning or pl_lossy, fp32: one model at batch ``k x b``, and ``k`` stacked replicas trained by
+    ``torch.func.vmap(functional_call)`` (the model-ensembling recipe, BatchNorm buffers stacked), each with
+    SGD over all parameters. What vmap itself costs, to compare with the ``lossy vmap`` row."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    pl.seed_everything(0, verbose=False)
+    model, shape = make_model(args.model)
+    net = model.net.to(device)
+    times: dict[str, list[float]] = {"plain": [], "vmap": []}
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    params, buffers = stack_module_state([copy.deepcopy(net) for _ in range(k)])
+    params = {n: p.detach().requires_grad_() for n, p in params.items()}
+    base = copy.deepcopy(net).to("meta")
+    vopt = torch.optim.SGD(list(params.values()), lr=0.05, momentum=0.9)
+
+    def loss(p, bufs, x, y):
+        return F.cross_entropy(functional_call(base, (p, bufs), (x,)), y)
+
+    batched = vmap(loss, in_dims=(0, 0, 0, 0), randomness="different")
+    for step in range(steps):
+        x = torch.randn(k, b, *shape, device=device)
+        y = torch.randint(0, 10, (k, b), device=device)
+        for name in ("plain", "vmap"):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if name == "plain":
+                opt.zero_grad()
+                F.cross_entropy(net(x.view(k * b, *shape)), y.view(-1)).backward()
+                opt.step()
+            else:
+                vopt.zero_grad()
+                batched(params, buffers, x, y).sum().backward()
+                vopt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times["plain"], times["vmap"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("mlp", "resnet20"), default="mlp")
@@ -102,6 +149,7 @@ def main() -> None:
     parser.add_argument("--no-loop", action="store_true", help="skip the sequential loop (slow for big k on CPU)")
     parser.add_argument("--only", nargs="+", help="run only these configurations (e.g. 'plain k*b' 'lossy vmap')")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN autotunes its algorithms, for every configuration")
+    parser.add_argument("--raw", action="store_true", help="also time plain and vmap steps without Lightning (fp32)")
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -127,6 +175,14 @@ def main() -> None:
             for name, (batch, workers, batching) in configs.items():
                 times[name] += step_times(args, precision, batch, args.steps, workers, batching or "vmap")
         rows.append((precision, {name: statistics.median(ts) for name, ts in times.items()}))
+    if args.raw:
+        plain, vmapped = [], []
+        for _ in range(args.repeats):
+            p_, v_ = raw_step_times(args, k, b, args.steps)
+            plain += p_
+            vmapped += v_
+        p_med, v_med = statistics.median(plain), statistics.median(vmapped)
+        print(f"raw fp32 (no Lightning): plain k*b {p_med * 1e3:.2f} ms, vmap {v_med * 1e3:.2f} ms, vmap samples/s vs plain {p_med / v_med:.2f}x")
     if args.only:
         for precision, t in rows:
             print(f"{precision}: " + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in t.items()))
