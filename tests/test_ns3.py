@@ -254,6 +254,20 @@ def test_config_validation_names_the_setting():
     assert NetworkConfig(link_rate="25Gbps", link_delay="5us").link_rate == 25e9
 
 
+def test_rate_units_mean_what_they_say_in_ns3_notation():
+    """Case matters, as in ns-3's DataRate: b is bits, B is bytes (10GBps = 80 Gb/s)."""
+    from ns3_bridge.sim.config import parse_rate
+
+    assert parse_rate("10Gbps") == parse_rate("10Gb/s") == 10e9
+    assert parse_rate("10GBps") == parse_rate("10GB/s") == 80e9
+    assert parse_rate("100Mbps") == 1e8 and parse_rate("100MBps") == 8e8
+    assert parse_rate("5Kbps") == parse_rate("5kbps") == 5e3 and parse_rate("5KBps") == 4e4
+    assert parse_rate("64bps") == 64 and parse_rate("8Bps") == 64
+    assert parse_rate("2.5e9") == parse_rate(2.5e9) == 2.5e9
+    with pytest.raises(ValueError, match="case-sensitive, as in ns-3: Gbps/Mbps/Kbps/bps are bits per second, GBps"):
+        parse_rate("10gbps")
+
+
 # ---------------------------------------------------------------- training over ns-3
 
 

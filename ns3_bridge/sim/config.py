@@ -14,17 +14,39 @@ FLOW_SIZE_DISTRIBUTIONS = ("web_search",)
 LEARNING_TOS = 0x20  # DSCP CS1, the "scavenger" class: what the learning class matches on
 TCP_VARIANTS = {"cubic": "ns3::TcpCubic", "newreno": "ns3::TcpNewReno", "bic": "ns3::TcpBic", "vegas": "ns3::TcpVegas"}
 
-_RATE_UNITS = {"bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
+def _rate_units() -> dict[str, float]:
+    """ns-3's DataRate notation, case-sensitive: ``b`` bits, ``B`` bytes (``10GBps`` = 80 Gb/s); ``k``/``K`` kilo."""
+    units = {}
+    for prefix, scale in (("", 1.0), ("k", 1e3), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12)):
+        for bit, per_bit in (("b", 1.0), ("B", 8.0)):
+            units[f"{prefix}{bit}ps"] = units[f"{prefix}{bit}/s"] = scale * per_bit
+    return units
+
+
+_RATE_UNITS = _rate_units()
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
 
 def _quantity(value: Any, units: dict[str, float], name: str, example: str, unit_name: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]+)\s*", str(value))
-    if not m or m.group(2).lower() not in units:
-        raise ValueError(f"{name} must be a number of {unit_name} or like {example!r}, got {value!r}")
-    return float(m.group(1)) * units[m.group(2).lower()]
+    try:
+        return float(str(value))  # a number given as text: already in the base unit
+    except ValueError:
+        pass
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z/]+)\s*", str(value))
+    if not m or m.group(2) not in units:
+        raise ValueError(f"{name} must be a number of {unit_name} or like {example!r}, got {value!r}{_unit_hint(m, units)}")
+    try:
+        return float(m.group(1)) * units[m.group(2)]
+    except ValueError:
+        raise ValueError(f"{name} must be a number of {unit_name} or like {example!r}, got {value!r}") from None
+
+
+def _unit_hint(m: "re.Match | None", units: dict[str, float]) -> str:
+    if m and units is _RATE_UNITS:
+        return " (units are case-sensitive, as in ns-3: Gbps/Mbps/Kbps/bps are bits per second, GBps/MBps/KBps/Bps bytes per second)"
+    return ""
 
 
 def parse_rate(value: Any) -> float:
