@@ -135,6 +135,16 @@ def _threaded_all_reduce(n):
     return [make(r) for r in range(n)]
 
 
+def _random_masks(rng, W, S, P, colocated, drop=0.3):
+    """Masks with ``drop`` of the packets lost; a co-located server's own copies always delivered."""
+    up = torch.from_numpy(rng.random((W, S, P)) >= drop)
+    down = torch.from_numpy(rng.random((S, W, P)) >= drop)
+    if colocated:
+        up[range(S), range(S)] = True
+        down[range(S), range(S)] = True
+    return up, down
+
+
 def _round_on_threads(exchanges, reducers, up, down, side_value):
     """Every process's ``exchange.step`` at once (one thread each); returns their side values, the
     first field from ``side_value(rank)``, the second ``rank + 10``."""
@@ -159,11 +169,7 @@ def test_exchange_buffers_match_rps_round(colocated):
     server_state = None if colocated else reference[0].clone()
     rng = np.random.default_rng(1)
     for rnd in range(3):
-        up = torch.from_numpy(rng.random((W, S, layout.packets_per_block)) >= 0.3)
-        down = torch.from_numpy(rng.random((S, W, layout.packets_per_block)) >= 0.3)
-        if colocated:
-            up[range(S), range(S)] = True
-            down[range(S), range(S)] = True
+        up, down = _random_masks(rng, W, S, layout.packets_per_block, colocated)
         sides = _round_on_threads(exchanges, reducers, up, down, lambda r: float(r + 1))
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         for r in range(W):
@@ -205,11 +211,7 @@ def test_exchange_of_several_workers_per_process_matches_rps_round(n_proc, k, co
     reducers = _threaded_all_reduce(n_proc)
     rng = np.random.default_rng(2)
     for _ in range(3):
-        up = torch.from_numpy(rng.random((W, S, layout.packets_per_block)) >= 0.3)
-        down = torch.from_numpy(rng.random((S, W, layout.packets_per_block)) >= 0.3)
-        if colocated:
-            up[range(S), range(S)] = True
-            down[range(S), range(S)] = True
+        up, down = _random_masks(rng, W, S, layout.packets_per_block, colocated)
         sides = _round_on_threads(exchanges, reducers, up, down, lambda r: r + 0.5)
         reference, server_state = rps.rps_round(reference, up, down, server_state)
         got = torch.cat([ex.blocks().double() for ex in exchanges])
