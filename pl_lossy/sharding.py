@@ -11,7 +11,7 @@ concatenated: shard ``j`` of the process's batch (``batch_size`` rows, in order)
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
@@ -107,8 +107,3 @@ def shard_dataloader(loader: object, n_workers: int, rank: int, workers_per_proc
         persistent_workers=loader.persistent_workers,
     )
 
-
-def worker_shards(batch_rows: int, workers_per_process: int) -> Optional[int]:
-    """Rows per worker in a process batch of ``batch_rows``, or None if it does not split evenly."""
-    rows, rest = divmod(batch_rows, workers_per_process)
-    return rows if rest == 0 and rows > 0 else None

@@ -169,3 +169,5 @@ def test_ns3_refuses_a_round_over_its_packet_budget_naming_the_setting():
         Ns3Network(timeout_s=120).check_round(spec)
     Ns3Network(max_round_packets=200_000_000).check_round(spec)  # a budget you set is the budget you get
     Ns3Network().check_round(RoundSpec(0, 4, 4, 100))
+    with pytest.raises(ValueError, match="max_round_packets must be a positive integer or None"):
+        Ns3Network(max_round_packets="abc")

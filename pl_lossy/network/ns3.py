@@ -88,7 +88,7 @@ class Ns3Network(NetworkModel):
             raise ValueError("sim_workers applies to the bridge Ns3Network starts; start yours with --workers")
         self.sim_workers = int(sim_workers)
         self.run_ahead = int(run_ahead)
-        if max_round_packets is not None and (isinstance(max_round_packets, bool) or int(max_round_packets) != max_round_packets
+        if max_round_packets is not None and (not isinstance(max_round_packets, int) or isinstance(max_round_packets, bool)
                                               or max_round_packets < 1):
             raise ValueError(f"max_round_packets must be a positive integer or None (sized from timeout_s), got {max_round_packets!r}")
         # a round the simulation cannot finish within timeout_s is refused before it starts
