@@ -204,7 +204,7 @@ class WorkerReplicas:
             if not use_vmap:
                 outputs = self._looped(module, fn, shards, args, kwargs, logs)
         for name, (values, kw) in logs.items():
-            type(module).log(module, name, _mean(values), **kw)
+            module.log(name, _mean(values), **kw)  # the capture is gone: this is LightningModule.log
         return _combine(outputs, self.k)
 
     @property
