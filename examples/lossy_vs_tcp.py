@@ -6,7 +6,7 @@
 Runs the main job (examples/train.py) twice with the same seed, data, model and ns-3 network, once
 with network.transport=udp (drops applied by RPS) and once with network.transport=tcp (everything
 delivered, later), reads each run's metrics.csv, and reports the simulated time at which validation
-accuracy first reaches --target, side by side, with a plot (time_to_accuracy.png). Arguments after
+accuracy first reaches --target, side by side (pl-lossy compare's table and compare.png). Arguments after
 ``--`` are Hydra overrides for both runs. Compute time per round is fixed (--compute-time-s) so that
 the two runs differ only by their network, not by this machine's noise.
 """
@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from pl_lossy.compare import compare
 from pl_lossy.runs import run_main_job, split_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -48,34 +49,15 @@ def main() -> None:
         results[transport] = dict(curve=result.accuracy_curve(), time_to_target=result.time_to(args.target), summary=result.summary)
 
     print(f"\ntarget val_acc {args.target}; {args.workers} workers, {args.link_rate}, loss {args.loss_rate}")
-    print(f"{'':5} {'final val_acc':>13} {'sim time to target':>19} {'comm time / round':>18} {'sim time total':>15}")
-    for transport, r in results.items():
-        s = r["summary"]
-        ttt = f"{r['time_to_target']:.3f} s" if r["time_to_target"] is not None else "not reached"
-        per_round = s["comm_time_s"] / max(1, s["rounds"])
-        print(f"{transport:5} {s['val_acc']:>13.4f} {ttt:>19} {per_round * 1e3:>15.3f} ms {s['sim_time_s']:>13.3f} s")
+    table, _ = compare([args.out / "udp", args.out / "tcp"], out=args.out, target=args.target)
+    print(table)
     udp, tcp = results["udp"]["time_to_target"], results["tcp"]["time_to_target"]
     if udp is not None and tcp is not None:
         print(f"speed-up of lossy UDP + RPS over TCP to {args.target}: {tcp / udp:.2f}x")
+    else:
+        print(f"the target {args.target} was not reached by {'udp' if udp is None else 'tcp'}: raise --epochs or lower --target")
     (args.out / "results.json").write_text(json.dumps({k: {**v, "summary": None} for k, v in results.items()}, indent=2))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for transport, r in results.items():
-        t, acc = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(t, acc, marker="o", label=f"{transport.upper()}" + (" + RPS" if transport == "udp" else " (reliable)"))
-    ax.axhline(args.target, color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("simulated time (s)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{args.workers} workers, {args.link_rate}, {args.loss_rate:.0%} loss (ns-3)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "time_to_accuracy.png", dpi=120)
-    print(f"plot: {args.out / 'time_to_accuracy.png'}")
+    print(f"table and plot: {args.out / 'compare.md'}, {args.out / 'compare.png'}")
 
 
 if __name__ == "__main__":

@@ -4,21 +4,36 @@ input with one line, fit, and write ``summary.json``."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.multiprocessing import ProcessRaisedException
 
 from .callbacks import RunSummary
+from .config_types import type_errors
 from .strategy import LossyPSStrategy
+
+
+log = logging.getLogger("pl_lossy.app")
+
+
+class BelowWarning(logging.Filter):
+    """Console stdout gets INFO and below; warnings and errors go to stderr (conf/hydra/job_logging)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
 
 
 class ConfigError(ValueError):
@@ -43,8 +58,21 @@ def _instantiate(node: DictConfig, where: str, **kwargs: Any) -> Any:
         raise ConfigError(f"invalid `{where}` config: {message}") from exc
 
 
+GROUPS = ("data", "model", "network", "strategy", "trainer")  # the objects a run builds, in order
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Every group's values against the annotations of what it builds (see :mod:`pl_lossy.config_types`)."""
+    for group in GROUPS:
+        if group in cfg:
+            error = type_errors(cfg[group], group)
+            if error:
+                raise ConfigError(f"invalid config: {error}")
+
+
 def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule, RunSummary]:
     """Everything the run needs, built and checked in this process before any worker is started."""
+    check_types(cfg)
     torch.set_num_threads(int(cfg.torch_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _instantiate(cfg.data, "data")
@@ -78,20 +106,82 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(summary.path.read_text())
 
 
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+class CheckSweep(Callback):
+    """Hydra callback: before the first job of a ``-m`` sweep trains, build every job's objects (as
+    :func:`build` does, launching nothing) and stop with one line naming the job and the key of the
+    first bad value. Sweepers other than Hydra's basic one are left to check their jobs as they run."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+            return
+        loader = GlobalHydra.instance().config_loader()
+        params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides([*params, *config.hydra.overrides.task])
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        lightning = logging.getLogger("pytorch_lightning")
+        level, hydra_cfg = lightning.level, HydraConfig.instance().cfg
+        lightning.setLevel(logging.WARNING)  # Trainer() announces the devices it found: once per job is noise
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                for index, job in enumerate(jobs):
+                    try:
+                        job_cfg = loader.load_sweep_config(config, list(job))
+                        with open_dict(job_cfg):
+                            job_cfg.hydra.runtime.output_dir = scratch
+                        HydraConfig.instance().set_config(job_cfg)
+                        with open_dict(job_cfg):
+                            del job_cfg["hydra"]
+                        OmegaConf.resolve(job_cfg)
+                        build(job_cfg, scratch)
+                    except (ConfigError, OmegaConfBaseException) as exc:
+                        message = str(exc).strip().splitlines()[0]
+                        print(f"error: sweep job #{index} ({' '.join(job)}): {message}; no job was started", file=sys.stderr)
+                        sys.exit(2)
+        finally:
+            lightning.setLevel(level)
+            HydraConfig.instance().cfg = hydra_cfg
+
+
+def _lightning_logs_to_root() -> None:
+    """Lightning gives its logger a console handler of its own when imported before logging is set up;
+    hand its messages to the root logger instead, so that they reach train.log too."""
+    lightning = logging.getLogger("pytorch_lightning")
+    for handler in list(lightning.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning.removeHandler(handler)
+    lightning.propagate = True
+
+
+def main(cfg: DictConfig) -> None:
     output_dir = HydraConfig.get().runtime.output_dir
+    if logging.getLogger().handlers:  # Hydra configured logging (hydra/job_logging=none leaves it alone)
+        _lightning_logs_to_root()
     try:
         result = train(cfg, output_dir)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error(f"error: {exc}")
         sys.exit(2)
     except ProcessRaisedException as exc:  # a training process failed; its traceback was printed above
         last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
-        print(f"error: training failed: {last}", file=sys.stderr)
+        log.error(f"error: training failed: {last}")
         sys.exit(1)
     if result is not None:
         keys = ("val_acc", "steps", "delivered_up", "delivered_down", "sim_time_s", "comm_time_s", "wall_time_s")
         line = ", ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys)
-        print(f"summary: {line}\nwritten: {Path(output_dir) / cfg.summary_file}")
+        log.info(f"summary: {line}")
+        log.info(f"written: {Path(output_dir) / cfg.summary_file}")
+        if cfg.get("plot", True):
+            _plot(Path(output_dir))
+
+
+def _plot(output_dir: Path) -> None:
+    from .compare import plot_run
+
+    try:
+        log.info(f"plot: {plot_run(output_dir)}")
+    except FileNotFoundError as exc:  # no CSV logger (trainer.logger=false or another logger): nothing to draw
+        log.info(f"no plot: {exc}")

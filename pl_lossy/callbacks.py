@@ -82,14 +82,21 @@ class RunSummary(Callback):
     network's delivered fractions and simulated times, wall time, and the config it is given.
 
     Keys: ``val_acc``, ``val_loss``, ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
-    ``sim_time_s``, ``comm_time_s``, ``compute_time_s``, ``wall_time_s`` (from this callback's creation),
-    ``config``.
+    ``sim_time_s``, ``comm_time_s``, ``compute_time_s`` (totals), ``compute`` (the compute model and its
+    per-round time), ``background`` (when the network had tenants: flows completed, their flow-weighted
+    mean completion time, the mean over rounds of each round's 99th percentile), ``wall_time_s`` (from
+    this callback's creation), ``config``.
     """
 
     def __init__(self, path: str | Path, config: Optional[dict] = None) -> None:
         self.path = Path(path)
         self.config = config
         self.started = time.time()
+        self.background = BackgroundTally()
+
+    def on_round_end(self, trainer: "pl.Trainer", strategy) -> None:
+        if trainer.is_global_zero:
+            self.background.add(strategy.last_round.stats)
 
     @rank_zero_only
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -117,8 +124,11 @@ class RunSummary(Callback):
                 sim_time_s=clock.sim_time_s,
                 comm_time_s=clock.comm_time_s,
                 compute_time_s=clock.compute_time_s,
+                compute=strategy.compute.describe(),
                 network=strategy.network.describe(),
             )
+            if self.background.rounds:
+                out["background"] = self.background.summary()
         out["wall_time_s"] = time.time() - self.started
         out["config"] = self.config
         return out
@@ -127,3 +137,36 @@ class RunSummary(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.summary(trainer), indent=2, default=str) + "\n")
         return self.path
+
+
+class BackgroundTally:
+    """The background tenants' flows over a run's rounds, from the rounds' ``background_*`` stats."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.flows = 0.0
+        self.done = 0.0  # flows that completed within their round
+        self.fct_sum_s = 0.0  # sum over rounds of completed flows x their mean completion time
+        self.p99_sum_s = 0.0
+        self.p99_rounds = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        if "background_flows" not in stats:
+            return
+        self.rounds += 1
+        self.flows += float(stats["background_flows"])
+        done = float(stats["background_flows"]) - float(stats.get("background_unfinished", 0.0))
+        self.done += done
+        if done:
+            self.fct_sum_s += done * float(stats["background_fct_mean_s"])
+            self.p99_sum_s += float(stats["background_fct_p99_s"])
+            self.p99_rounds += 1
+
+    def summary(self) -> dict[str, Optional[float]]:
+        return {
+            "rounds": self.rounds,
+            "flows": self.flows,
+            "unfinished": self.flows - self.done,
+            "fct_mean_s": self.fct_sum_s / self.done if self.done else None,
+            "fct_p99_s": self.p99_sum_s / self.p99_rounds if self.p99_rounds else None,
+        }

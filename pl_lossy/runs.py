@@ -1,8 +1,7 @@
 """Runs of the main job, for the examples that compare several: start one as a subprocess, read it back.
 
 Reading back: its summary.json and its per-round metrics.csv (CSVLogger): the accuracy curve against
-simulated time, when it first reaches a target, and the background tenants' completion times over
-the run's rounds.
+simulated time and when it first reaches a target (``pl-lossy compare`` tabulates and plots them).
 """
 
 from __future__ import annotations
@@ -74,17 +73,3 @@ class RunResult:
     def learning_drop(self) -> float:
         """Fraction of the training packets that crossed the network and were dropped."""
         return 1.0 - 0.5 * (self.summary["delivered_up"] + self.summary["delivered_down"])
-
-    def background(self) -> dict[str, float]:
-        """Background flows over all logged rounds: count, flow-weighted mean FCT, mean of per-round p99."""
-        flows = dict(self.column("net/background_flows"))
-        means = dict(self.column("net/background_fct_mean_s"))
-        p99s = [v for _, v in self.column("net/background_fct_p99_s")]
-        n = sum(flows[s] for s in means)
-        if not n:
-            return {"flows": sum(flows.values()), "fct_mean_s": float("nan"), "fct_p99_s": float("nan")}
-        return {
-            "flows": sum(flows.values()),
-            "fct_mean_s": sum(means[s] * flows[s] for s in means) / n,
-            "fct_p99_s": sum(p99s) / len(p99s),
-        }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,8 +21,10 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import checkpointing
+from .compute import ComputeModel
 from .exchange import SIDE_FIELDS, RPSExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
 from .replicas import BATCHING, WorkerReplicas
@@ -148,9 +151,12 @@ class LossyPSStrategy(DDPStrategy):
         sync_buffers: module buffers (BatchNorm statistics) are not sent through the lossy network;
             after each round they are made equal reliably: ``"broadcast"`` worker 0's (as DDP does),
             ``"average"`` the mean of floating-point buffers over workers (others worker 0's), ``"none"`` kept per worker.
-        compute_time_s: simulated compute time per round; ``None`` measures it (the slowest process's time
-            from its first training step after a round to the start of the next round; on CUDA this
-            reads a value back from the device every round).
+        compute_time_s: simulated compute time per round (see :mod:`pl_lossy.compute`): ``"flops"`` (one
+            worker's step FLOPs, counted on the first step, / ``device_flops``: the same every run), a
+            number of seconds, or ``"measured"`` (``None``): the slowest process's wall-clock time from its
+            first training step after a round to the round (changes from run to run; on CUDA it reads a
+            value back from the device every round).
+        device_flops: sustained FLOP/s of one simulated worker's device, for ``compute_time_s="flops"``.
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
         record_trace: path of an ``.npz`` to which rank 0 records every round's outcome (replay it with
@@ -171,7 +177,8 @@ class LossyPSStrategy(DDPStrategy):
         num_servers: Optional[int] = None,
         colocated_servers: bool = True,
         sync_buffers: Literal["broadcast", "average", "none"] = "broadcast",
-        compute_time_s: Optional[float] = None,
+        compute_time_s: Union[float, str, None] = "flops",
+        device_flops: float = 1e12,
         divergence_every: int = 50,
         record_trace: Optional[str] = None,
         log_metrics: bool = True,
@@ -190,8 +197,6 @@ class LossyPSStrategy(DDPStrategy):
             raise ValueError(f"num_servers must be >= 1 or None (one per worker), got {num_servers}")
         if sync_buffers not in SYNC_BUFFERS:
             raise ValueError(f"sync_buffers must be one of {SYNC_BUFFERS}, got {sync_buffers!r}")
-        if compute_time_s is not None and compute_time_s < 0:
-            raise ValueError(f"compute_time_s must be >= 0 or None (measured), got {compute_time_s}")
         if divergence_every < 0:
             raise ValueError(f"divergence_every must be >= 0, got {divergence_every}")
         self.network = network if network is not None else Ns3Network(loss_rate=0.01)
@@ -203,7 +208,7 @@ class LossyPSStrategy(DDPStrategy):
         self.num_servers = num_servers
         self.colocated_servers = colocated_servers
         self.sync_buffers = sync_buffers
-        self.compute_time_s = compute_time_s
+        self.compute = ComputeModel(compute_time_s, device_flops)
         self.divergence_every = divergence_every
         self.log_metrics = log_metrics
         self.clock = SimClock()
@@ -214,6 +219,7 @@ class LossyPSStrategy(DDPStrategy):
         self._exchange: Optional[RPSExchange] = None
         self._spec: Optional[RoundSpec] = None
         self._compute_start: Optional[float] = None
+        self._flop_counter: Optional[FlopCounterMode] = None  # counting the first round's steps (compute "flops")
         self._clip_patched = False
         self._mask_check = MaskAgreement()
 
@@ -272,6 +278,7 @@ class LossyPSStrategy(DDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+            self._check_run_length(trainer)
         if self.log_metrics:
             from .callbacks import LossyPSMetrics
 
@@ -301,6 +308,14 @@ class LossyPSStrategy(DDPStrategy):
             f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
             f"{layout.packets_per_block} packets x {layout.packet_bytes} B; network {self.network.describe()}"
         )
+
+    def _check_run_length(self, trainer: "pl.Trainer") -> None:
+        """A network that holds a limited number of rounds (a trace) fails now, not after an epoch."""
+        if not self.lightning_module.automatic_optimization:
+            return  # rounds are the module's optimizer steps: not known ahead
+        steps = trainer.estimated_stepping_batches
+        if math.isfinite(steps):
+            self.network.check_run(self._spec, int(steps))
 
     def _setup_replicas(self, fresh: bool) -> PacketLayout:
         """Lay this process's workers out in one storage (see :class:`~pl_lossy.replicas.WorkerReplicas`).
@@ -349,6 +364,10 @@ class LossyPSStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._compute_start is None:
             self._compute_start = time.perf_counter()
+        if self.compute.counting and self._flop_counter is None:
+            # entered here and left in exchange_round: the round's every micro-batch, forward and backward
+            self._flop_counter = FlopCounterMode(display=False)
+            self._flop_counter.__enter__()
         if self.workers_per_device == 1:
             return super().training_step(*args, **kwargs)
         with self.precision_plugin.train_step_context():
@@ -378,7 +397,14 @@ class LossyPSStrategy(DDPStrategy):
         self.exchange_round()
         return output
 
+    def _stop_counting(self) -> None:
+        counter, self._flop_counter = self._flop_counter, None
+        counter.__exit__(None, None, None)
+        self.compute.step_flops = counter.get_total_flops() / self.workers_per_device
+
     def teardown(self) -> None:
+        if self._flop_counter is not None:  # a fit that failed mid-round
+            self._stop_counting()
         self._mask_check.flush()
         if self.network is not None and self.is_global_zero:
             self.network.close()
@@ -403,6 +429,8 @@ class LossyPSStrategy(DDPStrategy):
     def exchange_round(self) -> RoundRecord:
         assert self._exchange is not None, "the strategy is not set up"
         compute = time.perf_counter() - self._compute_start if self._compute_start is not None else 0.0
+        if self._flop_counter is not None:
+            self._stop_counting()
         spec = self.round_spec(self.clock.rounds)
         outcome = self._obtain_outcome(spec)
         up = torch.from_numpy(outcome.up)
@@ -410,8 +438,8 @@ class LossyPSStrategy(DDPStrategy):
         masks = mask_hash(outcome) if self.world_size > 1 else 0.0  # one process has no one to disagree with
         side = self._exchange.step(up, down, self._all_reduce_sum, (compute, masks))
         self._mask_check.submit(spec.round, side[1], masks)
-        # measured compute is the slowest process's: reading it waits for the device, a fixed one does not
-        compute_s = float(side[0].max()) if self.compute_time_s is None else self.compute_time_s
+        # measured compute is the slowest process's: reading it waits for the device, a modelled one does not
+        compute_s = self.compute.round_time_s(lambda: float(side[0].max()))
         self._sync_buffers()
         delivered = outcome.delivered_fractions(spec)
         self.clock.advance(compute_s, outcome, delivered)
@@ -425,11 +453,10 @@ class LossyPSStrategy(DDPStrategy):
             self.network.prefetch([self.round_spec(spec.round + 1)])
         self._compute_start = None
         if self.lightning_module is not None and self.lightning_module._trainer is not None:
-            from .callbacks import LossyPSMetrics
-
-            for cb in self.lightning_module.trainer.callbacks:
-                if isinstance(cb, LossyPSMetrics):
-                    cb.on_round_end(self.lightning_module.trainer, self)
+            trainer = self.lightning_module.trainer
+            for cb in trainer.callbacks:  # a round is not a Lightning hook: callbacks that want it define on_round_end
+                if callable(getattr(cb, "on_round_end", None)):
+                    cb.on_round_end(trainer, self)
         return self.last_round
 
     def _obtain_outcome(self, spec: RoundSpec) -> RoundOutcome:
@@ -503,6 +530,7 @@ class LossyPSStrategy(DDPStrategy):
         every worker's parameters, buffers and optimizer state (gathered from every process: a collective)."""
         state: dict[str, Any] = {
             "clock": asdict(self.clock),
+            "compute": self.compute.describe(),
             "exchange": self._exchange.state_dict() if self._exchange is not None else {},
             "n_workers": self.n_workers,
             "workers_per_device": self.workers_per_device,

@@ -1,5 +1,6 @@
 """The Hydra app as a user runs it: examples/train.py in a subprocess."""
 
+import csv
 import json
 import os
 import pickle
@@ -60,6 +61,11 @@ def test_sixteen_virtual_workers_in_one_process_over_ns3(tmp_path):
         ("trainer.devices=0", "invalid `trainer` config"),
         ("strategy.workers_per_device=0", "invalid `strategy` config: workers_per_device must be an integer >= 1, got 0"),
         ("network.max_round_packets=10", "invalid `network` config: a round of 2 workers x 2 servers x 14 packets a block is 56 packets, over max_round_packets=10"),
+        ("trainer.max_epochs=five", "invalid config: `trainer.max_epochs` must be an integer or null, got 'five' (a string)"),
+        ("model.lr=fast", "invalid config: `model.lr` must be a number, got 'fast' (a string)"),
+        ("data.batch_size=big", "invalid config: `data.batch_size` must be an integer, got 'big' (a string)"),
+        ("model.net.hidden=[64,wide]", "invalid config: `model.net.hidden` must be a list of integers, got [64, 'wide']"),
+        ("strategy.compute_time_s=soon", "invalid `strategy` config: compute_time_s must be one of ('flops', 'measured') or a number"),
     ],
 )
 def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, override, message):
@@ -71,7 +77,7 @@ def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, over
     assert "Initializing distributed" not in proc.stdout + proc.stderr  # nothing was launched
 
 
-def test_multirun_sweep_writes_one_summary_per_run(tmp_path):
+def test_multirun_sweep_compared_in_one_command_and_repeated_to_the_same_simulated_time(tmp_path):
     proc = run_app(tmp_path, "network.loss_rate=0,0.2", "trainer.max_epochs=1", multirun=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
@@ -80,6 +86,38 @@ def test_multirun_sweep_writes_one_summary_per_run(tmp_path):
     delivered = {json.loads(p.read_text())["config"]["network"]["loss_rate"]: json.loads(p.read_text())["delivered_up"] for p in summaries}
     assert rates == [0.0, 0.2]
     assert delivered[0.0] == 1.0 and delivered[0.2] < 0.95
+    for job in ("0", "1"):  # every job: its own plot, and its story in train.log (Lightning's lines too)
+        assert (tmp_path / "multi" / job / "run.png").stat().st_size > 10_000
+        story = (tmp_path / "multi" / job / "train.log").read_text()
+        assert "summary: val_acc=" in story and "lossy_ps: 2 workers" in story and "`Trainer.fit` stopped" in story
+
+    compare = subprocess.run([str(Path(sys.executable).parent / "pl-lossy"), "compare", str(tmp_path / "multi"), "--target", "0.5"],
+                             capture_output=True, text=True, timeout=120)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    table = [line for line in compare.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| network.loss_rate | val_acc |") and "time_to_0.5_s" in table[0]
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["0", "0.2"]
+    assert (tmp_path / "multi" / "compare.md").read_text().strip() == "\n".join(table)
+    with open(tmp_path / "multi" / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["delivered_up"]) for r in rows] == [delivered[0.0], delivered[0.2]]
+    assert (tmp_path / "multi" / "compare.png").stat().st_size > 20_000
+
+    (tmp_path / "again").mkdir()
+    again = run_app(tmp_path / "again", "network.loss_rate=0.2", "trainer.max_epochs=1", multirun=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    first, second = (json.loads((root / "multi" / job / "summary.json").read_text()) for root, job in ((tmp_path, "1"), (tmp_path / "again", "0")))
+    assert first["compute"]["model"] == "flops" and first["compute"]["step_flops"] > 0
+    assert first["sim_time_s"] == second["sim_time_s"] > 0 and first["wall_time_s"] != second["wall_time_s"]
+
+
+def test_a_bad_value_in_a_later_sweep_job_fails_before_the_first_job_trains(tmp_path):
+    proc = run_app(tmp_path, "network.loss_rate=0,0.1", "trainer.max_epochs=1,many", multirun=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sweep job #1 (network.loss_rate=0 trainer.max_epochs=many")
+    assert "`trainer.max_epochs` must be an integer or null, got 'many'" in last and "no job was started" in last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "multi").exists()
 
 
 def write_tiny_cifar(root: Path, n_per_batch=8):
@@ -113,10 +151,10 @@ def test_lossy_vs_tcp_example_reports_time_to_accuracy_for_both(tmp_path):
            "--workers", "2", "--target", "0.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("udp ", "tcp "))}
-    assert set(lines) == {"udp", "tcp"} and all(" s " in line for line in lines.values())
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| network.transport |") and [r.split("|")[1].strip() for r in rows[1:]] == ["udp", "tcp"]
     assert "speed-up of lossy UDP + RPS over TCP" in proc.stdout
-    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
     udp = json.loads((tmp_path / "udp" / "summary.json").read_text())
     tcp = json.loads((tmp_path / "tcp" / "summary.json").read_text())
     assert tcp["delivered_up"] == 1.0 and udp["delivered_up"] < 1.0
@@ -128,10 +166,10 @@ def test_datacenter_claim_example_reports_the_three_ways_side_by_side(tmp_path):
            "--", "trainer.max_epochs=1", "trainer.devices=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith(("lossy ", "reliable ", "none "))}
-    assert rows == {"lossy", "reliable", "none"}
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert "bg_fct_mean_s" in rows[0] and len(rows) == 4  # head and the three ways
     assert "faster with lossy training in the learning class than with reliable training" in proc.stdout
-    assert (tmp_path / "claim.png").stat().st_size > 10_000
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
     ways = json.loads((tmp_path / "results.json").read_text())["ways"]
     flows = {way: r["background"]["flows"] for way, r in ways.items()}
     assert len(set(flows.values())) == 1 and flows["none"] > 0  # the same tenants' flows every way

@@ -137,6 +137,10 @@ class NetworkModel(abc.ABC):
     def check_round(self, spec: RoundSpec) -> None:
         """Raise ValueError if rounds of this size are more than this model will take on (checked before launch)."""
 
+    def check_run(self, spec: RoundSpec, n_rounds: int) -> None:
+        """Raise ValueError if this model cannot give rounds 0 .. ``n_rounds`` - 1 of ``spec``'s size
+        (checked when a fit starts, once its length is known)."""
+
     def prefetch(self, specs: Iterable[RoundSpec]) -> None:
         """Hint that these rounds will be asked for soon (may be a no-op)."""
 

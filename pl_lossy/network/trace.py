@@ -45,6 +45,9 @@ class TraceRecorder(NetworkModel):
     def check_round(self, spec: RoundSpec) -> None:
         self.network.check_round(spec)
 
+    def check_run(self, spec: RoundSpec, n_rounds: int) -> None:
+        self.network.check_run(spec, n_rounds)
+
     def prefetch(self, specs) -> None:
         self.network.prefetch(specs)
 
@@ -100,10 +103,24 @@ class TraceNetwork(NetworkModel):
     def rounds(self) -> np.ndarray:
         return self._load()["rounds"]
 
-    def outcome(self, spec: RoundSpec) -> RoundOutcome:
+    def check_round(self, spec: RoundSpec) -> None:
         data = self._load()
         if _spec_key(spec) != data["spec"]:
             raise ValueError(f"trace {self.path} was recorded for rounds of {data['spec']}, asked for {_spec_key(spec)}")
+
+    def check_run(self, spec: RoundSpec, n_rounds: int) -> None:
+        self.check_round(spec)
+        missing = sorted(set(range(n_rounds)) - set(self._load()["index"]))
+        if missing:
+            r = self.rounds
+            raise ValueError(
+                f"trace {self.path} holds rounds {r.min()}..{r.max()} ({len(r)} in all) but this fit runs {n_rounds} rounds: "
+                f"round {missing[0]} is missing (record a longer run, or shorten this one with trainer.max_steps={len(r)})"
+            )
+
+    def outcome(self, spec: RoundSpec) -> RoundOutcome:
+        data = self._load()
+        self.check_round(spec)
         i = data["index"].get(spec.round)
         if i is None:
             r = data["rounds"]
