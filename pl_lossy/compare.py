@@ -28,7 +28,7 @@ from .runs import RunResult
 RESULTS = (
     ("val_acc", "final validation accuracy"),
     ("val_loss", "final validation loss"),
-    ("train_loss", "last logged training loss"),
+    ("train_loss", "the last epoch's mean training loss (else the last logged one)"),
     ("steps", "optimizer steps"),
     ("n_workers", "RPS workers"),
     ("delivered_up", "fraction of network packets delivered, workers -> servers (mean over rounds)"),
@@ -103,7 +103,7 @@ def run_row(result: RunResult, settings: Sequence[str], target: Optional[float] 
         {k: s.get(k) for k in ("val_acc", "val_loss", "steps", "n_workers", "delivered_up", "delivered_down", "sim_time_s",
                                 "comm_time_s", "wall_time_s")}
     )
-    row["train_loss"] = losses[-1][1] if losses else None
+    row["train_loss"] = s.get("train_loss") if s.get("train_loss") is not None else (losses[-1][1] if losses else None)
     bg = s.get("background") or {}
     row.update(bg_flows=bg.get("flows"), bg_fct_mean_s=bg.get("fct_mean_s"), bg_fct_p99_s=bg.get("fct_p99_s"))
     if target is not None:
@@ -180,7 +180,7 @@ def label(row: dict[str, Any], settings: Sequence[str], names: dict[str, str]) -
     return ", ".join(f"{names[k]}={_cell(row, k)}" for k in settings) or Path(str(row.get("run", "run"))).name
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +192,7 @@ def _pyplot():
 def plot(results: Sequence[RunResult], labels: Sequence[str], path: Path, target: Optional[float] = None, title: str = "") -> Path:
     """One figure: validation accuracy against simulated time and against steps, training loss against
     steps, each run's delivered fractions, and background completion times when any run had tenants."""
-    plt = _pyplot()
+    plt = pyplot()
     background = any((r.summary.get("background") or {}).get("flows") for r in results)
     fig, axes = plt.subplots(1, 5 if background else 4, figsize=(21 if background else 17, 3.8))
     acc_time, acc_step, loss_step, delivered = axes[:4]

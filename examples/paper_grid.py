@@ -1,0 +1,159 @@
+"""The paper's drop-rate x workers grid (Yu, Tang et al., ICML 2019) on MNIST-1D, with one command.
+
+    python examples/paper_grid.py                      # --preset quick: minutes on 2 cores
+    python examples/paper_grid.py --preset full        # p in {0,.01,.05,.1,.2,.4,.5} x n in {2,4,8,16,32} x 3 seeds
+    python examples/paper_grid.py --network ns3        # on the ns-3 star, the same loss at every host link
+    python examples/paper_grid.py --p 0 0.5 --n 2 8 --seeds 0 1 2 -- trainer.max_steps=1000
+
+Runs the main job with ``experiment=paper_grid`` (RPS, n virtual workers = servers in one process,
+plain SGD, per-worker batch 32, the MNIST-1D CNN) as one Hydra ``-m`` sweep over p x n x seeds (every
+job is checked before the first trains), then reports with ``pl-lossy compare --over seed``: one table
+(final training loss, validation accuracy, delivered fractions, simulated time: mean +- std over
+seeds) and ``grid.png``: (a) training loss against steps for each p at the largest n (the paper's
+figure); (b) the gap to p = 0 in final training loss and in accuracy against n, one line per p (does
+the influence of p fade as n grows?). Everything lands in --out. Arguments after ``--`` are Hydra
+overrides for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pl_lossy.compare import compare, flat_config, pyplot
+from pl_lossy.runs import RunResult, split_overrides
+
+HERE = Path(__file__).resolve().parent
+PRESETS = {
+    "quick": dict(p=[0.0, 0.1, 0.5], n=[2, 16], seeds=[0, 1], steps=400),
+    "full": dict(p=[0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5], n=[2, 4, 8, 16, 32], seeds=[0, 1, 2], steps=2000),
+}
+DROP_KEY = {"bernoulli": "network.drop_rate", "ns3": "network.loss_rate"}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--p", type=float, nargs="+", help="drop rates (default: the preset's)")
+    p.add_argument("--n", type=int, nargs="+", help="worker counts (default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the preset's)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
+    p.add_argument("--network", choices=sorted(DROP_KEY), default="bernoulli",
+                   help="bernoulli: the paper's i.i.d. model; ns3: the ns-3 star with that loss at every host link")
+    p.add_argument("--out", type=Path, default=Path("outputs/paper_grid"))
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    bad = [f"--p {x}" for x in args.p if not 0 <= x < 1] + [f"--n {x}" for x in args.n if x < 1]
+    bad += [f"--steps {args.steps}"] if args.steps < 1 else []
+    if bad:
+        p.error(f"{bad[0]} is out of range (drop rates in [0, 1), worker counts and steps >= 1)")
+    return args
+
+
+def sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
+    """Every run of the grid as one -m sweep of the main job; returns the sweep's folder."""
+    runs = args.out / "runs"
+    network = ["network=ns3_star"] if args.network == "ns3" else []
+    cmd = [
+        sys.executable, str(HERE / "train.py"), "-m", "experiment=paper_grid", *network,
+        f"{DROP_KEY[args.network]}={','.join(str(p) for p in args.p)}",
+        f"strategy.workers_per_device={','.join(str(n) for n in args.n)}",
+        f"seed={','.join(str(s) for s in args.seeds)}",
+        f"trainer.max_steps={args.steps}", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={runs}", *overrides,
+    ]
+    jobs = len(args.p) * len(args.n) * len(args.seeds)
+    print(f"$ {' '.join(cmd[1:])}\n{jobs} runs into {runs}", flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        sys.exit(errors[-1] if errors else f"{proc.stderr[-2000:]}\nerror: the grid's sweep failed (exit code {proc.returncode})")
+    return runs
+
+
+def grid_of(runs: Path, drop_key: str) -> dict[tuple[float, int], list[RunResult]]:
+    """(p, n) -> the runs (one per seed)."""
+    grid: dict[tuple[float, int], list[RunResult]] = {}
+    for summary in sorted(runs.glob("*/summary.json")):
+        result = RunResult.load(summary.parent)
+        config = flat_config(result.summary["config"])
+        grid.setdefault((float(config[drop_key]), int(config["strategy.workers_per_device"])), []).append(result)
+    return grid
+
+
+def mean_curve(results: list[RunResult], column: str) -> tuple[list[int], list[float]]:
+    """Mean over runs of ``column`` at the steps every run logged it."""
+    curves = [dict(r.column(column)) for r in results]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
+
+
+def final(results: list[RunResult], key: str) -> float:
+    return statistics.fmean(r.summary[key] for r in results)
+
+
+def plot(grid: dict[tuple[float, int], list[RunResult]], path: Path, title: str) -> None:
+    plt = pyplot()
+    ps, ns = sorted({p for p, _ in grid}), sorted({n for _, n in grid})
+    fig, (curves, loss_gap, acc_gap) = plt.subplots(1, 3, figsize=(16, 4.2))
+    n_max = ns[-1]
+    for p in ps:
+        if (p, n_max) in grid:
+            curves.plot(*mean_curve(grid[(p, n_max)], "train_loss"), linewidth=1, label=f"p = {p:g}")
+    curves.set(xlabel="step", ylabel="training loss (mean over seeds)", title=f"(a) training loss, n = {n_max}")
+    curves.legend(fontsize=8)
+    for p in ps[1:] if ps and ps[0] == 0 else ps:
+        pairs = [n for n in ns if (p, n) in grid and (0.0, n) in grid]
+        loss_gap.plot(pairs, [final(grid[(p, n)], "train_loss") - final(grid[(0.0, n)], "train_loss") for n in pairs],
+                      marker="o", label=f"p = {p:g}")
+        acc_gap.plot(pairs, [final(grid[(p, n)], "val_acc") - final(grid[(0.0, n)], "val_acc") for n in pairs],
+                     marker="o", label=f"p = {p:g}")
+    for ax, what in ((loss_gap, "final training loss"), (acc_gap, "final validation accuracy")):
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set(xlabel="workers n", ylabel=f"{what}: p minus p = 0", title=f"(b) the gap to p = 0: {what}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    argv, overrides = split_overrides(sys.argv[1:])
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    runs = sweep(args, overrides)
+    table, _ = compare([runs], out=args.out, over=["seed"])
+    print(table)
+    drop_key = DROP_KEY[args.network]
+    grid = grid_of(runs, drop_key)
+    title = (f"RPS on MNIST-1D (CNN), plain SGD, batch 32 per worker, {args.steps} steps, "
+             f"{'i.i.d. drops' if args.network == 'bernoulli' else 'ns-3 star'}, {len(args.seeds)} seeds")
+    plot(grid, args.out / "grid.png", title)
+    print(f"\nthe gap to p = 0 (final training loss / accuracy, mean over {len(args.seeds)} seeds):")
+    ns = sorted({n for _, n in grid})
+    print("| p | " + " | ".join(f"n = {n}" for n in ns) + " |\n|---|" + "---|" * len(ns))
+    for p in sorted({p for p, _ in grid}):
+        if p == 0:
+            continue
+        cells = [
+            f"{final(grid[(p, n)], 'train_loss') - final(grid[(0.0, n)], 'train_loss'):+.4f} / "
+            f"{final(grid[(p, n)], 'val_acc') - final(grid[(0.0, n)], 'val_acc'):+.4f}"
+            if (p, n) in grid and (0.0, n) in grid else "-" for n in ns
+        ]
+        print(f"| {p:g} | " + " | ".join(cells) + " |")
+    print(f"\n{len(list(runs.glob('*/summary.json')))} runs in {time.time() - started:.0f} s; "
+          f"table: {args.out / 'compare.md'}, plots: {args.out / 'grid.png'}, {args.out / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    main()
