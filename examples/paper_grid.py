@@ -29,7 +29,7 @@ from pl_lossy.runs import RunResult, split_overrides
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
-    "quick": dict(p=[0.0, 0.1, 0.5], n=[2, 16], seeds=[0, 1], steps=400),
+    "quick": dict(p=[0.0, 0.1, 0.5], n=[2, 16], seeds=[0, 1], steps=1000),
     "full": dict(p=[0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5], n=[2, 4, 8, 16, 32], seeds=[0, 1, 2], steps=2000),
 }
 DROP_KEY = {"bernoulli": "network.drop_rate", "ns3": "network.loss_rate"}
@@ -95,6 +95,9 @@ def mean_curve(results: list[RunResult], column: str) -> tuple[list[int], list[f
 
 
 def final(results: list[RunResult], key: str) -> float:
+    """Mean over seeds; the training loss is the whole training set's when the runs evaluated it."""
+    if key == "train_loss" and all(r.summary.get("train_eval_loss") is not None for r in results):
+        key = "train_eval_loss"
     return statistics.fmean(r.summary[key] for r in results)
 
 

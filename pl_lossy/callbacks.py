@@ -82,7 +82,7 @@ class RunSummary(Callback):
     network's delivered fractions and simulated times, wall time, and the config it is given.
 
     Keys: ``val_acc``, ``val_loss``, ``train_loss`` (the last epoch's mean training loss, when the module
-    logs ``train_loss_epoch``), ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
+    logs ``train_loss_epoch``), ``train_eval_loss`` (the whole training set's, when it logs that), ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
     ``sim_time_s``, ``comm_time_s``, ``compute_time_s`` (totals), ``compute`` (the compute model and its
     per-round time), ``background`` (when the network had tenants: flows completed, their flow-weighted
     mean completion time, the mean over rounds of each round's 99th percentile), ``wall_time_s`` (from
@@ -109,6 +109,7 @@ class RunSummary(Callback):
             "val_acc": _number(metrics.get("val_acc")),
             "val_loss": _number(metrics.get("val_loss")),
             "train_loss": _number(metrics.get("train_loss_epoch")),
+            "train_eval_loss": _number(metrics.get("train_eval_loss")),
             "steps": int(trainer.global_step),
             "epochs": int(trainer.current_epoch),
             "world_size": int(trainer.world_size),

@@ -29,6 +29,7 @@ RESULTS = (
     ("val_acc", "final validation accuracy"),
     ("val_loss", "final validation loss"),
     ("train_loss", "the last epoch's mean training loss (else the last logged one)"),
+    ("train_eval_loss", "the whole training set's loss at the last validation (data.eval_train=true)"),
     ("steps", "optimizer steps"),
     ("n_workers", "RPS workers"),
     ("delivered_up", "fraction of network packets delivered, workers -> servers (mean over rounds)"),
@@ -93,6 +94,12 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
+def _copies_one_of(results: Sequence[RunResult], key: str, over: Sequence[str]) -> bool:
+    """Whether ``key`` has, run by run, the values of a key in ``over`` (``network.seed: ${seed}``)."""
+    configs = [flat_config(r.summary.get("config")) for r in results]
+    return any(all(c.get(key) == c.get(o) for c in configs) for o in over)
+
+
 def run_row(result: RunResult, settings: Sequence[str], target: Optional[float] = None) -> dict[str, Any]:
     """One run's settings and results (None where the run has no such value)."""
     config = flat_config(result.summary.get("config"))
@@ -103,6 +110,7 @@ def run_row(result: RunResult, settings: Sequence[str], target: Optional[float] 
         {k: s.get(k) for k in ("val_acc", "val_loss", "steps", "n_workers", "delivered_up", "delivered_down", "sim_time_s",
                                 "comm_time_s", "wall_time_s")}
     )
+    row["train_eval_loss"] = s.get("train_eval_loss")
     row["train_loss"] = s.get("train_loss") if s.get("train_loss") is not None else (losses[-1][1] if losses else None)
     bg = s.get("background") or {}
     row.update(bg_flows=bg.get("flows"), bg_fct_mean_s=bg.get("fct_mean_s"), bg_fct_p99_s=bg.get("fct_p99_s"))
@@ -154,7 +162,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
     if isinstance(value, float):
         text = f"{value:.4g}"
         std = row.get(f"{column}_std")
-        return f"{text} ± {std:.2g}" if std is not None and row.get("runs", 1) > 1 else text
+        return f"{text} ± {std:.2g}" if std and row.get("runs", 1) > 1 else text
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value)
@@ -265,7 +273,7 @@ def compare(paths: Sequence[str | Path], out: Optional[Path] = None, target: Opt
     unknown = [k for k in over if k not in settings and not any(k in flat_config(r.summary.get("config")) for r in results)]
     if unknown:
         raise ValueError(f"--over {unknown[0]}: no run has that setting (settings that vary: {', '.join(settings) or 'none'})")
-    kept = [k for k in settings if k not in over]
+    kept = [k for k in settings if k not in over and not _copies_one_of(results, k, over)]
     rows = [run_row(r, kept, target) for r in results]
     if over:
         rows = group_rows(rows, kept)

@@ -19,20 +19,25 @@ class _ArrayDataModule(pl.LightningDataModule):
     input_shape: tuple[int, ...]
     num_classes: int
 
-    def __init__(self, batch_size: int = 32, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 32, num_workers: int = 0, eval_train: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.eval_train = eval_train
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, shuffle=False, num_workers=self.num_workers)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation set; with ``eval_train``, the whole training set too (a second loader)."""
+        val = DataLoader(self.val_set, batch_size=256, shuffle=False, num_workers=self.num_workers)
+        if not self.eval_train:
+            return val
+        return [val, DataLoader(self.train_set, batch_size=256, shuffle=False, num_workers=self.num_workers)]
 
 
 def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
@@ -80,6 +85,9 @@ class MNIST1DDataModule(_ArrayDataModule):
 
     input_shape = (1, 40)
     num_classes = 10
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 0, eval_train: bool = False) -> None:
+        super().__init__(batch_size, num_workers, eval_train)
 
     def setup(self, stage: str | None = None) -> None:
         from mnist1d.data import get_dataset_args, make_dataset

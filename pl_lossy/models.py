@@ -127,14 +127,19 @@ class Classifier(pl.LightningModule):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)  # the paper's measure: the epoch's mean
+        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)  # the epoch's mean
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loader 0: the validation set (``val_loss``, ``val_acc``); loader 1, when the data module
+        evaluates the training set (``eval_train``): ``train_eval_loss``, ``train_eval_acc`` (the
+        paper's measure: the whole training set's loss, here of every worker's replica, averaged)."""
         x, y = batch
         logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, sync_dist=True, prog_bar=True)
+        prefix = "train_eval" if dataloader_idx == 1 else "val"
+        log = dict(on_epoch=True, sync_dist=True, add_dataloader_idx=False)
+        self.log(f"{prefix}_loss", F.cross_entropy(logits, y), prog_bar=prefix == "val", **log)
+        self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=prefix == "val", **log)
 
     def configure_optimizers(self):
         h = self.hparams

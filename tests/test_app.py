@@ -175,3 +175,33 @@ def test_datacenter_claim_example_reports_the_three_ways_side_by_side(tmp_path):
     assert len(set(flows.values())) == 1 and flows["none"] > 0  # the same tenants' flows every way
     assert ways["reliable"]["learning_drop"] == 0 and ways["lossy"]["learning_drop"] > 0
     assert ways["lossy"]["background"]["fct_mean_s"] < ways["reliable"]["background"]["fct_mean_s"]
+
+
+def test_paper_grid_driver_runs_a_tiny_grid_and_reports_it(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "paper_grid.py"), "--p", "0", "0.5", "--n", "2", "4", "--seeds", "0", "1",
+           "--steps", "30", "--out", str(tmp_path / "grid"), "--", "trainer.val_check_interval=15"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "grid" / "runs").glob("*/summary.json"))) == 8
+    table = [line for line in (tmp_path / "grid" / "compare.md").read_text().splitlines()[2:]]
+    assert len(table) == 4 and all(line.rstrip(" |").endswith("| 2") for line in table)  # (p, n) rows, 2 seeds each
+    with open(tmp_path / "grid" / "compare.csv") as f:
+        rows = {(float(r["network.drop_rate"]), int(r["strategy.workers_per_device"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {(0.0, 2), (0.0, 4), (0.5, 2), (0.5, 4)}
+    assert float(rows[(0.0, 4)]["delivered_up"]) == 1.0 and 0.4 < float(rows[(0.5, 4)]["delivered_up"]) < 0.6
+    assert float(rows[(0.5, 2)]["train_loss_std"]) > 0  # two seeds, two different runs
+    gaps = [line for line in proc.stdout.splitlines() if line.startswith("| 0.5 |")]
+    assert len(gaps) == 1 and gaps[0].count("/") == 2  # the gap to p = 0 at n = 2 and n = 4
+    assert (tmp_path / "grid" / "grid.png").stat().st_size > 20_000
+
+
+def test_paper_grid_driver_refuses_bad_grid_values_before_launch(tmp_path):
+    for bad, message in ((["--p", "1.5"], "--p 1.5 is out of range"), (["--n", "0"], "--n 0 is out of range")):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "paper_grid.py"), *bad, "--out", str(tmp_path / "g")],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "g" / "runs").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "paper_grid.py"), "--out", str(tmp_path / "g"), "--",
+                           "model.lr=fast"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "`model.lr` must be a number" in proc.stderr and "no job was started" in proc.stderr
+    assert not list((tmp_path / "g").glob("runs/*/summary.json"))
