@@ -18,6 +18,7 @@ overrides for every run.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,14 @@ def final(results: list[RunResult], key: str) -> float:
     return statistics.fmean(r.summary[key] for r in results)
 
 
+def spread(results: list[RunResult], key: str) -> float:
+    """Standard error over seeds of :func:`final` (0 with one seed)."""
+    if key == "train_loss" and all(r.summary.get("train_eval_loss") is not None for r in results):
+        key = "train_eval_loss"
+    values = [r.summary[key] for r in results]
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
 def plot(grid: dict[tuple[float, int], list[RunResult]], path: Path, title: str) -> None:
     plt = pyplot()
     ps, ns = sorted({p for p, _ in grid}), sorted({n for _, n in grid})
@@ -113,15 +122,15 @@ def plot(grid: dict[tuple[float, int], list[RunResult]], path: Path, title: str)
     curves.legend(fontsize=8)
     for p in ps[1:] if ps and ps[0] == 0 else ps:
         pairs = [n for n in ns if (p, n) in grid and (0.0, n) in grid]
-        loss_gap.plot(pairs, [final(grid[(p, n)], "train_loss") - final(grid[(0.0, n)], "train_loss") for n in pairs],
-                      marker="o", label=f"p = {p:g}")
-        acc_gap.plot(pairs, [final(grid[(p, n)], "val_acc") - final(grid[(0.0, n)], "val_acc") for n in pairs],
-                     marker="o", label=f"p = {p:g}")
+        for ax, key in ((loss_gap, "train_loss"), (acc_gap, "val_acc")):
+            gaps = [final(grid[(p, n)], key) - final(grid[(0.0, n)], key) for n in pairs]
+            errors = [math.hypot(spread(grid[(p, n)], key), spread(grid[(0.0, n)], key)) for n in pairs]
+            ax.errorbar(pairs, gaps, yerr=errors, marker="o", capsize=3, label=f"p = {p:g}")
     for ax, what in ((loss_gap, "final training loss"), (acc_gap, "final validation accuracy")):
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
-        ax.set(xlabel="workers n", ylabel=f"{what}: p minus p = 0", title=f"(b) the gap to p = 0: {what}")
+        ax.set(xlabel="workers n", ylabel=f"{what}: p minus p = 0", title=f"(b) the gap to p = 0: {what} (± 1 s.e.)")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
