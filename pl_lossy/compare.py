@@ -160,7 +160,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        text = f"{value:.4g}"
+        text = str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
         std = row.get(f"{column}_std")
         return f"{text} ± {std:.2g}" if std and row.get("runs", 1) > 1 else text
     if isinstance(value, (list, dict)):
