@@ -95,18 +95,21 @@ def mean_curve(results: list[RunResult], column: str) -> tuple[list[int], list[f
     return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
 
 
-def final(results: list[RunResult], key: str) -> float:
-    """Mean over seeds; the training loss is the whole training set's when the runs evaluated it."""
+def finals(results: list[RunResult], key: str) -> list[float]:
+    """Each seed's final ``key``; the training loss is the whole training set's when the runs evaluated it."""
     if key == "train_loss" and all(r.summary.get("train_eval_loss") is not None for r in results):
         key = "train_eval_loss"
-    return statistics.fmean(r.summary[key] for r in results)
+    return [r.summary[key] for r in results]
+
+
+def final(results: list[RunResult], key: str) -> float:
+    """Mean over seeds."""
+    return statistics.fmean(finals(results, key))
 
 
 def spread(results: list[RunResult], key: str) -> float:
     """Standard error over seeds of :func:`final` (0 with one seed)."""
-    if key == "train_loss" and all(r.summary.get("train_eval_loss") is not None for r in results):
-        key = "train_eval_loss"
-    values = [r.summary[key] for r in results]
+    values = finals(results, key)
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 

@@ -36,7 +36,7 @@ RESULTS = (
     ("delivered_down", "same, servers -> workers"),
     ("sim_time_s", "simulated time of the run"),
     ("comm_time_s", "of which communication"),
-    ("bg_flows", "background flows completed"),
+    ("bg_flows", "background flows started over the run (summary.json: background.flows)"),
     ("bg_fct_mean_s", "their mean completion time (flow-weighted)"),
     ("bg_fct_p99_s", "the mean over rounds of each round's 99th percentile"),
     ("wall_time_s", "wall-clock time (not reproducible)"),
@@ -274,9 +274,8 @@ def compare(paths: Sequence[str | Path], out: Optional[Path] = None, target: Opt
     if unknown:
         raise ValueError(f"--over {unknown[0]}: no run has that setting (settings that vary: {', '.join(settings) or 'none'})")
     kept = [k for k in settings if k not in over and not _copies_one_of(results, k, over)]
-    rows = [run_row(r, kept, target) for r in results]
-    if over:
-        rows = group_rows(rows, kept)
+    per_run = [run_row(r, kept, target) for r in results]
+    rows = group_rows(per_run, kept) if over else per_run
     names = short_names(kept)  # for the figure's legends; tables say the keys in full, as overrides do
     columns = columns_of(rows, kept)
     table = markdown(rows, columns, {})
@@ -285,13 +284,15 @@ def compare(paths: Sequence[str | Path], out: Optional[Path] = None, target: Opt
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table + "\n")
     write_csv(rows, columns, out / "compare.csv")
-    run_labels = [label(run_row(r, kept), kept, names) for r in results]
+    run_labels = [label(row, kept, names) for row in per_run]
     plot(results, run_labels, out / "compare.png", target)
     return table, out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="pl-lossy compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    columns = "\n".join(f"  {name:16} {what}" for name, what in RESULTS)
+    p = argparse.ArgumentParser(prog="pl-lossy compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"result columns (where some run has a value):\n{columns}")
     p.add_argument("paths", nargs="+", help="run folders, or folders holding runs (a -m sweep's multirun/<date>/<time>)")
     p.add_argument("--out", type=Path, help="where compare.md, compare.csv and compare.png go (default: the sweep's folder, or ./compare)")
     p.add_argument("--target", type=float, help="also report the simulated time at which validation accuracy first reached this")

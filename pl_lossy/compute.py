@@ -50,11 +50,6 @@ class ComputeModel:
         self.step_flops: Optional[float] = None  # "flops": one worker's step, once counted
 
     @property
-    def measures(self) -> bool:
-        """Whether rounds need the processes' measured times (``"measured"``)."""
-        return self.kind == "measured"
-
-    @property
     def counting(self) -> bool:
         """Whether the next step must be counted (``"flops"``, not counted yet)."""
         return self.kind == "flops" and self.step_flops is None
