@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from pl_lossy.compare import compare, flat_config, pyplot
+from pl_lossy.compare import compare, pyplot
 from pl_lossy.runs import RunResult, split_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -83,8 +83,8 @@ def grid_of(runs: Path, drop_key: str) -> dict[tuple[float, int], list[RunResult
     grid: dict[tuple[float, int], list[RunResult]] = {}
     for summary in sorted(runs.glob("*/summary.json")):
         result = RunResult.load(summary.parent)
-        config = flat_config(result.summary["config"])
-        grid.setdefault((float(config[drop_key]), int(config["strategy.workers_per_device"])), []).append(result)
+        settings = result.settings
+        grid.setdefault((float(settings[drop_key]), int(settings["strategy.workers_per_device"])), []).append(result)
     return grid
 
 

@@ -65,21 +65,9 @@ def _natural(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in path.parts]
 
 
-def flat_config(config: Optional[dict], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in (config or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_config(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def varying_settings(results: Sequence[RunResult]) -> list[str]:
     """The config keys whose values differ between the runs (not paths, progress bars, Hydra's own)."""
-    configs = [flat_config(r.summary.get("config")) for r in results]
+    configs = [r.settings for r in results]
     keys = sorted({k for c in configs for k in c})
     return [
         k for k in keys
@@ -96,14 +84,12 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
 
 def _copies_one_of(results: Sequence[RunResult], key: str, over: Sequence[str]) -> bool:
     """Whether ``key`` has, run by run, the values of a key in ``over`` (``network.seed: ${seed}``)."""
-    configs = [flat_config(r.summary.get("config")) for r in results]
-    return any(all(c.get(key) == c.get(o) for c in configs) for o in over)
+    return any(all(r.settings.get(key) == r.settings.get(o) for r in results) for o in over)
 
 
 def run_row(result: RunResult, settings: Sequence[str], target: Optional[float] = None) -> dict[str, Any]:
     """One run's settings and results (None where the run has no such value)."""
-    config = flat_config(result.summary.get("config"))
-    row: dict[str, Any] = {k: config.get(k) for k in settings}
+    row: dict[str, Any] = {k: result.settings.get(k) for k in settings}
     s = result.summary
     losses = result.column("train_loss")
     row.update(
@@ -270,7 +256,7 @@ def compare(paths: Sequence[str | Path], out: Optional[Path] = None, target: Opt
     """The table (markdown) of the runs at ``paths``, and the folder its files were written to."""
     results = [RunResult.load(p) for p in find_runs(paths)]
     settings = varying_settings(results)
-    unknown = [k for k in over if k not in settings and not any(k in flat_config(r.summary.get("config")) for r in results)]
+    unknown = [k for k in over if k not in settings and not any(k in r.settings for r in results)]
     if unknown:
         raise ValueError(f"--over {unknown[0]}: no run has that setting (settings that vary: {', '.join(settings) or 'none'})")
     kept = [k for k in settings if k not in over and not _copies_one_of(results, k, over)]

@@ -7,6 +7,7 @@ simulated time and when it first reaches a target (``pl-lossy compare`` tabulate
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -
     return RunResult.load(run_dir)
 
 
+def flat_config(config: Optional[dict], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -51,6 +64,11 @@ class RunResult:
         with open(metrics, newline="") as f:
             rows = list(csv.DictReader(f))
         return cls(run_dir, json.loads((run_dir / "summary.json").read_text()), rows)
+
+    @functools.cached_property
+    def settings(self) -> dict[str, Any]:
+        """The run's resolved config, flat: ``{"network": {"loss_rate": 0.1}}`` -> ``{"network.loss_rate": 0.1}``."""
+        return flat_config(self.summary.get("config"))
 
     def column(self, name: str) -> list[tuple[int, float]]:
         """(step, value) for every row that logged ``name``."""
