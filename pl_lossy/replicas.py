@@ -161,6 +161,11 @@ class WorkerReplicas:
                 except KeyError:
                     raise ValueError("an optimizer holds a tensor that is not one of the model's parameters") from None
 
+    def trained_tensors(self) -> tuple[list[Tensor], list[int]]:
+        """The tensors optimizers step (stacked ``[k, ...]`` with k > 1, else the module's parameters) and
+        each one's element offset in a worker's row: where gradients are exchanged from and to."""
+        return (self.stacked if self.k > 1 else self._module_params()), list(self._offsets)
+
     def _module_params(self) -> list[Tensor]:
         return [p for p in self.params if p.dtype.is_floating_point]
 

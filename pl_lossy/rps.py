@@ -40,6 +40,10 @@ class PacketLayout:
     ``packets_per_block`` is the fewest packets of at most ``packet_bytes`` that hold a block of
     ``ceil(numel / n_servers)`` elements; then ``elems_per_packet`` is shrunk to the fewest elements
     that still hold the model, so every packet has the same size and padding is under ``S * P``.
+
+    With ``power_of_two_blocks`` (for the Hadamard transform of :mod:`pl_lossy.aggregation`) a block is
+    ``2^m >= ceil(numel / n_servers)`` elements in ``2^a`` packets of ``2^b`` elements, the largest power
+    of two that fits ``packet_bytes``: up to twice the elements, in smaller packets.
     """
 
     numel: int
@@ -48,7 +52,7 @@ class PacketLayout:
     elems_per_packet: int
 
     @classmethod
-    def for_model(cls, numel: int, n_servers: int, packet_bytes: int = 1400) -> "PacketLayout":
+    def for_model(cls, numel: int, n_servers: int, packet_bytes: int = 1400, power_of_two_blocks: bool = False) -> "PacketLayout":
         if numel < 1:
             raise ValueError(f"the model has no elements to exchange (numel={numel})")
         if n_servers < 1:
@@ -57,6 +61,10 @@ class PacketLayout:
         if max_elems < 1:
             raise ValueError(f"packet_bytes must be at least {WIRE_BYTES_PER_ELEM}, got {packet_bytes}")
         block = math.ceil(numel / n_servers)
+        if power_of_two_blocks:
+            block = 1 << (block - 1).bit_length()
+            elems = min(block, 1 << (max_elems.bit_length() - 1))
+            return cls(numel, n_servers, block // elems, elems)
         packets = math.ceil(block / max_elems)
         elems = math.ceil(numel / (n_servers * packets))
         return cls(numel, n_servers, packets, elems)

@@ -24,8 +24,10 @@ from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import checkpointing
+from .aggregation import GRADIENT_RULES, check_aggregation
 from .compute import ComputeModel
 from .exchange import SIDE_FIELDS, RPSExchange
+from .gradient_exchange import GradientExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
 from .replicas import BATCHING, WorkerReplicas
 from .rps import PacketLayout
@@ -127,14 +129,20 @@ class MaskAgreement:
 
 
 class LossyPSStrategy(DDPStrategy):
-    """Data-parallel training where every step's model exchange crosses a simulated lossy network.
+    """Data-parallel training where every step's exchange crosses a simulated lossy network.
 
     After each local optimizer step, one RPS round (Yu, Tang et al., ICML 2019) averages model blocks
     through parameter servers; the ``network`` decides which packets arrive and how long each phase
     takes, and training applies exactly those drops. The model is not wrapped in DDP: gradients stay
-    local, and the only per-step communication is one all_reduce of the flat model.
+    local, and the only per-step communication is one all_reduce of the flat model. Other
+    ``aggregation`` rules exchange gradients instead, between the backward pass and the optimizer step.
 
     Args:
+        aggregation: what a round exchanges and makes of lost packets (see :mod:`pl_lossy.aggregation`):
+            ``"rps"`` (models, averaged over the copies that arrived; a miss keeps its own block),
+            ``"gradient"`` (gradients, likewise), ``"zero_fill"`` (gradients, a lost packet counts as zeros,
+            MLT) or ``"hadamard"`` (``zero_fill`` in a randomized Hadamard basis, OptiReduce; blocks padded
+            to powers of two).
         network: where each round's outcome comes from (default: ``Ns3Network(loss_rate=0.01)``, a
             packet-level ns-3 simulation of a 10 Gb/s star, started by rank 0 on the first round).
         workers_per_device: RPS workers (replicas) each process trains; ``W = processes x k`` workers in
@@ -171,6 +179,7 @@ class LossyPSStrategy(DDPStrategy):
     def __init__(
         self,
         network: Optional[NetworkModel] = None,
+        aggregation: Literal["rps", "gradient", "zero_fill", "hadamard"] = "rps",
         workers_per_device: int = 1,
         batching: Literal["auto", "vmap", "loop"] = "auto",
         packet_bytes: int = 1400,
@@ -187,6 +196,7 @@ class LossyPSStrategy(DDPStrategy):
         super().__init__(**kwargs)
         if network is not None and not isinstance(network, NetworkModel):
             raise TypeError(f"network must be a pl_lossy.network.NetworkModel, got {type(network).__name__}")
+        self.aggregation = check_aggregation(aggregation)
         if isinstance(workers_per_device, bool) or not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device must be an integer >= 1, got {workers_per_device!r}")
         if batching not in BATCHING:
@@ -216,7 +226,8 @@ class LossyPSStrategy(DDPStrategy):
         self.last_divergence: Optional[float] = None
         self._replicas: Optional[WorkerReplicas] = None
         self._replicas_of: Optional[int] = None  # id() of the module the replicas belong to
-        self._exchange: Optional[RPSExchange] = None
+        self._exchange: Optional[RPSExchange] = None  # the models' exchange (rps), and their divergence for every rule
+        self._gradient_exchange: Optional[GradientExchange] = None  # the gradient rules'
         self._spec: Optional[RoundSpec] = None
         self._compute_start: Optional[float] = None
         self._flop_counter: Optional[FlopCounterMode] = None  # counting the first round's steps (compute "flops")
@@ -240,7 +251,7 @@ class LossyPSStrategy(DDPStrategy):
     def _layout(self, module: torch.nn.Module, n_workers: int) -> PacketLayout:
         """How every floating-point parameter of ``module`` (frozen ones too) is cut into packets."""
         numel = sum(p.numel() for p in module.parameters() if p.dtype.is_floating_point)
-        return PacketLayout.for_model(numel, self.num_servers or n_workers, self.packet_bytes)
+        return PacketLayout.for_model(numel, self.num_servers or n_workers, self.packet_bytes, self.aggregation == "hadamard")
 
     def round_spec_for(self, module: torch.nn.Module, world_size: int) -> RoundSpec:
         """The rounds a fit of ``module`` on ``world_size`` processes will run (round 0), known before launch."""
@@ -297,6 +308,12 @@ class LossyPSStrategy(DDPStrategy):
         self._exchange = RPSExchange(
             self._replicas.storage, layout, self.global_rank, self.world_size, self.workers_per_device, self.colocated_servers
         )
+        self._gradient_exchange = None
+        if self.aggregation in GRADIENT_RULES:
+            self._gradient_exchange = GradientExchange(
+                self.aggregation, *self._replicas.trained_tensors(), layout, self.global_rank, self.world_size,
+                self.workers_per_device, self.colocated_servers, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            )
         self._spec = self.round_spec_for(self.model, self.world_size)
         self.network.check_round(self._spec)  # the app checks this before launch; here for every other way in
         self.clock = SimClock()  # a fit starts at round 0; a checkpoint, restored after setup, may move it on
@@ -304,7 +321,8 @@ class LossyPSStrategy(DDPStrategy):
         if isinstance(self.network, TraceRecorder) and not self.is_global_zero:
             self.network = self.network.network  # only rank 0 records
         rank_zero_info(
-            f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {layout.n_servers} "
+            f"lossy_ps: aggregation {self.aggregation}, {self.n_workers} workers ({self.world_size} processes x "
+            f"{self.workers_per_device}), {layout.n_servers} "
             f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
             f"{layout.packets_per_block} packets x {layout.packet_bytes} B; network {self.network.describe()}"
         )
@@ -392,7 +410,15 @@ class LossyPSStrategy(DDPStrategy):
         model: Optional[torch.nn.Module] = None,
         **kwargs: Any,
     ) -> Any:
-        """The local step (precision plugin, clipping, closure) then one RPS round."""
+        """The local step (precision plugin, clipping, closure) then one RPS round; under a gradient rule
+        the round runs between the closure (backward) and clipping, so the step uses the aggregate."""
+        if self._gradient_exchange is not None:
+            def closure_then_round() -> Any:
+                result = closure()
+                self.exchange_round()
+                return result
+
+            return super().optimizer_step(optimizer, closure_then_round, model, **kwargs)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self.exchange_round()
         return output
@@ -408,7 +434,7 @@ class LossyPSStrategy(DDPStrategy):
         self._mask_check.flush()
         if self.network is not None and self.is_global_zero:
             self.network.close()
-        self._exchange = None  # its scratch buffers go; the replicas stay (a later validate/test evaluates them)
+        self._exchange = self._gradient_exchange = None  # their scratch buffers go; the replicas stay (a later validate/test evaluates them)
         if self._clip_patched:
             del self.precision_plugin.clip_grad_by_norm
             self._clip_patched = False
@@ -436,7 +462,10 @@ class LossyPSStrategy(DDPStrategy):
         up = torch.from_numpy(outcome.up)
         down = torch.from_numpy(outcome.down)
         masks = mask_hash(outcome) if self.world_size > 1 else 0.0  # one process has no one to disagree with
-        side = self._exchange.step(up, down, self._all_reduce_sum, (compute, masks))
+        if self._gradient_exchange is not None:
+            side = self._gradient_exchange.step(up, down, self._all_reduce_sum, spec.round, (compute, masks))
+        else:
+            side = self._exchange.step(up, down, self._all_reduce_sum, (compute, masks))
         self._mask_check.submit(spec.round, side[1], masks)
         # measured compute is the slowest process's: reading it waits for the device, a modelled one does not
         compute_s = self.compute.round_time_s(lambda: float(side[0].max()))
@@ -531,6 +560,7 @@ class LossyPSStrategy(DDPStrategy):
         state: dict[str, Any] = {
             "clock": asdict(self.clock),
             "compute": self.compute.describe(),
+            "aggregation": self.aggregation,
             "exchange": self._exchange.state_dict() if self._exchange is not None else {},
             "n_workers": self.n_workers,
             "workers_per_device": self.workers_per_device,

@@ -65,6 +65,7 @@ def test_sixteen_virtual_workers_in_one_process_over_ns3(tmp_path):
         ("model.lr=fast", "invalid config: `model.lr` must be a number, got 'fast' (a string)"),
         ("data.batch_size=big", "invalid config: `data.batch_size` must be an integer, got 'big' (a string)"),
         ("model.net.hidden=[64,wide]", "invalid config: `model.net.hidden` must be a list of integers, got [64, 'wide']"),
+        ("strategy.aggregation=average", "invalid config: `strategy.aggregation` must be one of 'rps', 'gradient', 'zero_fill', 'hadamard', got 'average'"),
         ("strategy.compute_time_s=soon", "invalid `strategy` config: compute_time_s must be one of ('flops', 'measured') or a number"),
     ],
 )

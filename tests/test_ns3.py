@@ -1,6 +1,7 @@
 """ns-3 in the loop: the real bridge server driving the real simulator."""
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -574,3 +575,31 @@ def test_a_training_rank_killed_mid_fit_fails_the_fit_and_leaves_no_bridge(tmp_p
         fit(strategy, model, dm, max_epochs=3, callbacks=[KillRankOne()])
     assert time.monotonic() - start < 60
     assert _gone(int((tmp_path / "bridge.pid").read_text()))
+
+
+@pytest.mark.parametrize("rule", ["zero_fill", "hadamard"])
+def test_gradient_rules_over_bursty_ns3_loss_train_the_same_workers_in_any_layout(bridge, tmp_path, rule):
+    """Gilbert-Elliott bursts on the real simulator: the rule applies ns-3's drops to the gradients, and
+    2 processes x 1 worker and 1 x 2 end with the same workers (Hadamard signs agree across processes)."""
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import SaveWorkers, digits_model, fit, trace_masks
+
+    runs = {}
+    for processes, k in ((2, 1), (1, 2)):
+        name = f"{processes}x{k}"
+        (tmp_path / name).mkdir()
+        network = Ns3Network(endpoint=bridge.endpoint, error_model="gilbert_elliott", ge_p_good_to_bad=0.02, ge_p_bad_to_good=0.2, seed=5)
+        strategy = LossyPSStrategy(network=network, aggregation=rule, workers_per_device=k, start_method="fork",
+                                   record_trace=str(tmp_path / f"{name}.npz"))
+        model, dm = digits_model(momentum=0.9)
+        saver = SaveWorkers(tmp_path / name)
+        fit(strategy, model, dm, devices=processes, limit_train_batches=5, limit_val_batches=1, callbacks=[saver])
+        runs[name] = saver.load(processes)[0]
+    masks = trace_masks(tmp_path / "2x1.npz")
+    spec = json.loads(str(masks["spec"]))
+    n_up = spec["n_workers"] * spec["n_servers"] * spec["packets_per_block"]
+    delivered = np.stack([np.unpackbits(row, count=n_up) for row in masks["up"]])
+    assert 0.5 < delivered.mean() < 1.0  # bursts dropped packets
+    assert (runs["2x1"][0] - runs["2x1"][1]).abs().max() > 1e-4  # and the workers' gradients differed
+    torch.testing.assert_close(runs["1x2"], runs["2x1"], rtol=0, atol=1e-6)
