@@ -108,21 +108,44 @@ def hadamard_round(grads: Tensor, up: Tensor, down: Tensor, signs: Tensor) -> Te
 # ---------------------------------------------------------------------- the randomized Hadamard transform
 
 
+#: Levels of the transform done per pass over memory: one batched product with the 16 x 16 Hadamard matrix
+#: (twice as fast as 2 x 2 butterflies on a CPU, where the passes are memory-bound).
+RADIX = 16
+_small_hadamards: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """The ``n x n`` Sylvester Walsh-Hadamard matrix ``H[a, b] = (-1)^popcount(a & b)`` (cached: it is small)."""
+    key = (n, dtype, torch.device(device))
+    if key not in _small_hadamards:
+        bits = torch.arange(n)
+        parity = torch.zeros(n, n, dtype=torch.int64)
+        both = bits.unsqueeze(1) & bits.unsqueeze(0)
+        while bool(both.any()):
+            parity ^= both & 1
+            both = both >> 1
+        _small_hadamards[key] = (1 - 2 * parity).to(dtype=dtype, device=device)
+    return _small_hadamards[key]
+
+
 def fwht(x: Tensor, scratch: Tensor) -> Tensor:
     """``H x`` along the last dimension (``n = 2^m``; ``H`` the Sylvester-ordered Walsh-Hadamard matrix,
-    ``H[a, b] = (-1)^popcount(a & b)``, unnormalized), in ``m`` butterfly passes between ``x`` and
-    ``scratch`` (same shape; both are overwritten). Returns whichever of the two holds the result."""
+    ``H[a, b] = (-1)^popcount(a & b)``, unnormalized) in ``ceil(m / 4)`` passes between ``x`` and
+    ``scratch`` (same shape; both are overwritten): ``H_n = H_r (x) ... (x) H_r``, so each pass applies
+    ``H_16`` along one group of 4 bits of the index. Returns whichever of the two holds the result."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"the Walsh-Hadamard transform needs a power-of-two length, got {n}")
     lead = x.shape[:-1]
     src, dst, h = x, scratch, 1
     while h < n:
-        s = src.view(*lead, n // (2 * h), 2, h)
-        d = dst.view(*lead, n // (2 * h), 2, h)
-        torch.add(s[..., 0, :], s[..., 1, :], out=d[..., 0, :])
-        torch.sub(s[..., 0, :], s[..., 1, :], out=d[..., 1, :])
-        src, dst, h = dst, src, 2 * h
+        r = min(RADIX, n // h)
+        H = hadamard_matrix(r, x.dtype, x.device)
+        if h == 1:  # the lowest bits: rows of r contiguous elements times H (symmetric)
+            torch.matmul(src.view(*lead, n // r, r), H, out=dst.view(*lead, n // r, r))
+        else:
+            torch.matmul(H, src.view(*lead, n // (r * h), r, h), out=dst.view(*lead, n // (r * h), r, h))
+        src, dst, h = dst, src, h * r
     return src
 
 
@@ -150,5 +173,5 @@ def round_signs(seed: int, round_index: int, out: Tensor, generator: torch.Gener
     in place on ``out``'s device (``generator`` must live there): the same on every rank of a run."""
     n = out.shape[-1]
     generator.manual_seed(round_seed(seed, round_index))
-    out.bernoulli_(0.5, generator=generator)
+    out.uniform_(generator=generator).ge_(0.5)  # 1.0 or 0.0; five times faster than bernoulli_ on CPU
     return out.mul_(2.0 / math.sqrt(n)).sub_(1.0 / math.sqrt(n))

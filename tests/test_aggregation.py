@@ -82,8 +82,9 @@ def test_hadamard_matches_its_reference(case):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 64, 512])
+@pytest.mark.parametrize("n", [1, 2, 8, 16, 64, 512, 2048])
 def test_fwht_is_the_walsh_hadamard_matrix(n):
+    assert torch.equal(aggregation.hadamard_matrix(n, torch.float64), torch.from_numpy(scipy.linalg.hadamard(n)).double())
     x = torch.randn(3, n, dtype=torch.float64)
     got = aggregation.fwht(x.clone(), torch.empty_like(x))
     np.testing.assert_allclose(got.numpy(), x.numpy() @ scipy.linalg.hadamard(n).T, rtol=1e-12, atol=1e-9)
@@ -173,9 +174,9 @@ def test_gradient_exchange_over_processes_matches_the_rule(rule, n_proc, k, colo
         [t.start() for t in threads]
         [t.join() for t in threads]
         if rule == "hadamard":
-            signs = torch.empty(S, layout.packets_per_block * layout.elems_per_packet, dtype=torch.float64)
+            signs = torch.empty(S, layout.packets_per_block * layout.elems_per_packet)  # fp32, as the exchange draws them
             aggregation.round_signs(11, rnd, signs, torch.Generator())
-            grads = aggregation.hadamard_round(grads, up, down, signs)
+            grads = aggregation.hadamard_round(grads, up, down, signs.double())
         else:
             grads = {"gradient": aggregation.gradient_round, "zero_fill": aggregation.zero_fill_round}[rule](grads, up, down)
         got = torch.cat([torch.cat([t.grad.reshape(k, -1) for t in tensors], dim=1) for tensors in params]).double()
