@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pl_lossy.compare import compare, pyplot
-from pl_lossy.runs import RunResult, split_overrides
+from pl_lossy.runs import RunResult, mean_curve, run_sweep, split_overrides
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
@@ -59,23 +58,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
     """Every run of the grid as one -m sweep of the main job; returns the sweep's folder."""
-    runs = args.out / "runs"
     network = ["network=ns3_star"] if args.network == "ns3" else []
-    cmd = [
-        sys.executable, str(HERE / "train.py"), "-m", "experiment=paper_grid", *network,
+    return run_sweep(HERE / "train.py", args.out / "runs", [
+        "experiment=paper_grid", *network,
         f"{DROP_KEY[args.network]}={','.join(str(p) for p in args.p)}",
         f"strategy.workers_per_device={','.join(str(n) for n in args.n)}",
         f"seed={','.join(str(s) for s in args.seeds)}",
-        f"trainer.max_steps={args.steps}", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={runs}", *overrides,
-    ]
-    jobs = len(args.p) * len(args.n) * len(args.seeds)
-    print(f"$ {' '.join(cmd[1:])}\n{jobs} runs into {runs}", flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error: ")]
-        sys.exit(errors[-1] if errors else f"{proc.stderr[-2000:]}\nerror: the grid's sweep failed (exit code {proc.returncode})")
-    return runs
+        f"trainer.max_steps={args.steps}", *overrides,
+    ], len(args.p) * len(args.n) * len(args.seeds))
 
 
 def grid_of(runs: Path, drop_key: str) -> dict[tuple[float, int], list[RunResult]]:
@@ -86,13 +76,6 @@ def grid_of(runs: Path, drop_key: str) -> dict[tuple[float, int], list[RunResult
         settings = result.settings
         grid.setdefault((float(settings[drop_key]), int(settings["strategy.workers_per_device"])), []).append(result)
     return grid
-
-
-def mean_curve(results: list[RunResult], column: str) -> tuple[list[int], list[float]]:
-    """Mean over runs of ``column`` at the steps every run logged it."""
-    curves = [dict(r.column(column)) for r in results]
-    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
 
 
 def finals(results: list[RunResult], key: str) -> list[float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,26 @@ def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -
             sys.exit(f"error: the {name} run failed: {lines[-1][len('error: '):]}")
         sys.exit(f"{proc.stderr[-2000:]}\nerror: the {name} run failed (exit code {proc.returncode}); its output is above")
     return RunResult.load(run_dir)
+
+
+def run_sweep(script: Path, sweep_dir: Path, overrides: list[str], jobs: int) -> Path:
+    """Run the main job as one Hydra ``-m`` sweep of ``jobs`` runs into ``sweep_dir`` (every job is checked
+    before the first trains); exit with the app's one-line error if it fails. Returns ``sweep_dir``."""
+    cmd = [sys.executable, str(script), "-m", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}", *overrides]
+    print(f"$ {' '.join(cmd[1:])}\n{jobs} runs into {sweep_dir}", flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        sys.exit(errors[-1] if errors else f"{proc.stderr[-2000:]}\nerror: the sweep failed (exit code {proc.returncode})")
+    return sweep_dir
+
+
+def mean_curve(results: list["RunResult"], column: str) -> tuple[list[int], list[float]]:
+    """Mean over runs (seeds) of ``column`` at the steps every run logged it."""
+    curves = [dict(r.column(column)) for r in results]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
 
 
 def flat_config(config: Optional[dict], prefix: str = "") -> dict[str, Any]:

@@ -247,3 +247,46 @@ def test_a_gradient_rule_under_drops_trains_the_same_workers_laid_out_2x1_and_1x
                                               strategy_kw={"aggregation": rule})
     assert (runs[2, 1][0] - runs[2, 1][1]).abs().max() > 1e-4  # missed packets made the workers differ
     torch.testing.assert_close(runs[1, 2], runs[2, 1], rtol=0, atol=1e-6)
+
+
+if torch.cuda.is_available():  # collected only where there is a GPU (run them there: pytest -k cuda)
+
+    @pytest.mark.parametrize("rule", aggregation.GRADIENT_RULES)
+    def test_cuda_gradient_exchange_of_several_workers_matches_the_rule(rule):
+        """One process of 5 workers on the GPU; hadamard's signs drawn on the GPU, the reference given the same."""
+        W, S = 5, 3
+        layout = rps.PacketLayout.for_model(1001, S, packet_bytes=64, power_of_two_blocks=rule == "hadamard")
+        torch.manual_seed(0)
+        grads = torch.zeros(W, layout.padded_numel, dtype=torch.float64)
+        grads[:, : layout.numel] = torch.randn(W, layout.numel, dtype=torch.float64)
+        t = torch.zeros(W, layout.numel, device="cuda", requires_grad=True)
+        exchange = GradientExchange(rule, [t], [0], layout, 0, 1, W, seed=4)
+        rng = np.random.default_rng(0)
+        for rnd in range(3):
+            grads[:, layout.numel :] = 0
+            t.grad = grads[:, : layout.numel].float().cuda()
+            up, down = _random_masks(rng, W, S, layout.packets_per_block, True, 0.2)
+            exchange.step(up, down, lambda x: None, rnd)
+            blocks = grads.view(W, *layout.shape)
+            if rule == "hadamard":
+                signs = torch.empty(S, layout.packets_per_block * layout.elems_per_packet, device="cuda")
+                aggregation.round_signs(4, rnd, signs, torch.Generator(device="cuda"))
+                grads = aggregation.hadamard_round(blocks, up, down, signs.double().cpu()).reshape(W, -1)
+            else:
+                rule_round = {"gradient": aggregation.gradient_round, "zero_fill": aggregation.zero_fill_round}[rule]
+                grads = rule_round(blocks, up, down).reshape(W, -1)
+            torch.testing.assert_close(t.grad.double().cpu(), grads[:, : layout.numel], rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("rule", aggregation.GRADIENT_RULES)
+    def test_cuda_gradient_rules_train_16_virtual_workers_batched(rule):
+        from pl_lossy import BernoulliNetwork, LossyPSStrategy
+
+        from fits import fit_in_process
+        from test_virtual_workers import small_resnet
+
+        model, dm = small_resnet()
+        strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), aggregation=rule, workers_per_device=16, start_method="popen")
+        fit_in_process(strategy, model, dm, "gpu", max_steps=6, limit_val_batches=2)
+        params = strategy.replicas.worker_state(model)["params"]
+        assert strategy.replicas.mode == "vmap" and strategy.clock.rounds == 6 and torch.isfinite(params).all()
+        assert (params[0] - params[1]).abs().max() > 0

@@ -206,3 +206,27 @@ def test_paper_grid_driver_refuses_bad_grid_values_before_launch(tmp_path):
                            "model.lr=fast"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1 and "`model.lr` must be a number" in proc.stderr and "no job was started" in proc.stderr
     assert not list((tmp_path / "g").glob("runs/*/summary.json"))
+
+
+def test_aggregation_compare_runs_every_rule_on_both_loss_models_over_ns3(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "aggregation_compare.py"), "--rules", "rps", "hadamard", "--epochs", "1",
+           "--workers", "2", "--out", str(tmp_path / "agg"), "--", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "agg" / "compare.csv") as f:
+        rows = {(r["network.error_model"], r["strategy.aggregation"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(m, a) for m in ("rate", "gilbert_elliott") for a in ("rps", "hadamard")}
+    for row in rows.values():
+        assert int(row["steps"]) == 4 and float(row["delivered_up"]) < 1.0  # both loss models dropped training packets
+    # hadamard's blocks are padded to powers of two: more bytes on the same network, a longer round
+    assert float(rows["rate", "hadamard"]["comm_time_s"]) > float(rows["rate", "rps"]["comm_time_s"])
+    assert [line for line in proc.stdout.splitlines() if line.startswith("| hadamard |")]  # the final-loss table
+    assert (tmp_path / "agg" / "aggregation.png").stat().st_size > 20_000
+
+
+def test_aggregation_compare_refuses_bad_values_before_launch(tmp_path):
+    for bad, message in ((["--loss", "1.5"], "--loss 1.5 is out of range"), (["--rules", "average"], "invalid choice: 'average'")):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "aggregation_compare.py"), *bad, "--out", str(tmp_path / "a")],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "a" / "runs").exists()
