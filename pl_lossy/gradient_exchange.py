@@ -90,8 +90,7 @@ class GradientExchange:
             else:
                 rows[:, offset : offset + n].copy_(p.grad.reshape(self.k, n))
 
-    def _scatter(self) -> None:
-        rows = self.grads
+    def _scatter(self, rows: Tensor) -> None:
         for p, offset in zip(self.params, self.offsets):
             if not p.requires_grad:
                 continue
@@ -140,14 +139,18 @@ class GradientExchange:
         for field, value in enumerate(side_values):
             side[field, self.process_rank] = value
         all_reduce(self._wire)
-        g.copy_(send.expand_as(g))
+        if k == 1:  # the aggregate is this worker's: fix it up where it lies (one model-sized copy fewer)
+            out = send.unsqueeze(0)
+        else:
+            g.copy_(send.expand_as(g))
+            out = g
         if missed_cpu.numel():
-            flat = g.view(-1, lay.elems_per_packet)
+            flat = out.reshape(-1, lay.elems_per_packet)  # a view: both are contiguous
             if kept is not None:
                 flat.index_copy_(0, missed, kept)
             else:
                 flat.index_fill_(0, missed, 0.0)
         if self.rule == "hadamard":
-            aggregation.unspread_(blocks, self._signs, self._scratch)
-        self._scatter()
+            aggregation.unspread_(out.view(k, lay.n_servers, -1), self._signs, self._scratch)
+        self._scatter(out.view(k, -1))
         return side
