@@ -4,6 +4,7 @@
     python examples/paper_grid.py --preset full        # p in {0,.01,.05,.1,.2,.4,.5} x n in {2,4,8,16,32} x 3 seeds
     python examples/paper_grid.py --network ns3        # on the ns-3 star, the same loss at every host link
     python examples/paper_grid.py --p 0 0.5 --n 2 8 --seeds 0 1 2 -- trainer.max_steps=1000
+    python examples/paper_grid.py --rules rps gradient   # and the paper's ablation: gradients averaged instead of models
 
 Runs the main job with ``experiment=paper_grid`` (RPS, n virtual workers = servers in one process,
 plain SGD, per-worker batch 32, the MNIST-1D CNN) as one Hydra ``-m`` sweep over p x n x seeds (every
@@ -11,8 +12,10 @@ job is checked before the first trains), then reports with ``pl-lossy compare --
 (final training loss, validation accuracy, delivered fractions, simulated time: mean +- std over
 seeds) and ``grid.png``: (a) training loss against steps for each p at the largest n (the paper's
 figure); (b) the gap to p = 0 in final training loss and in accuracy against n, one line per p (does
-the influence of p fade as n grows?). Everything lands in --out. Arguments after ``--`` are Hydra
-overrides for every run.
+the influence of p fade as n grows?); with ``--rules rps gradient``, (c) the paper's ablation: final
+training loss against p at the largest n, models averaged (RPS) against gradients averaged
+(``strategy.aggregation=gradient``); (a) and (b) are RPS's. Everything lands in --out. Arguments after
+``--`` are Hydra overrides for every run.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 from pl_lossy.compare import compare, pyplot
+from pl_lossy.aggregation import AGGREGATIONS
 from pl_lossy.runs import RunResult, mean_curve, run_sweep, split_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -44,8 +48,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
     p.add_argument("--network", choices=sorted(DROP_KEY), default="bernoulli",
                    help="bernoulli: the paper's i.i.d. model; ns3: the ns-3 star with that loss at every host link")
+    p.add_argument("--rules", nargs="+", choices=AGGREGATIONS, default=["rps"],
+                   help="aggregation rules (rps first: the grid's; others for the ablation panel)")
     p.add_argument("--out", type=Path, default=Path("outputs/paper_grid"))
     args = p.parse_args(argv)
+    if args.rules[0] != "rps":
+        args.rules = ["rps", *(r for r in args.rules if r != "rps")]
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -63,19 +71,20 @@ def sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
         "experiment=paper_grid", *network,
         f"{DROP_KEY[args.network]}={','.join(str(p) for p in args.p)}",
         f"strategy.workers_per_device={','.join(str(n) for n in args.n)}",
-        f"seed={','.join(str(s) for s in args.seeds)}",
+        f"seed={','.join(str(s) for s in args.seeds)}", f"strategy.aggregation={','.join(args.rules)}",
         f"trainer.max_steps={args.steps}", *overrides,
-    ], len(args.p) * len(args.n) * len(args.seeds))
+    ], len(args.p) * len(args.n) * len(args.seeds) * len(args.rules))
 
 
-def grid_of(runs: Path, drop_key: str) -> dict[tuple[float, int], list[RunResult]]:
-    """(p, n) -> the runs (one per seed)."""
-    grid: dict[tuple[float, int], list[RunResult]] = {}
+def grid_of(runs: Path, drop_key: str) -> dict[str, dict[tuple[float, int], list[RunResult]]]:
+    """rule -> (p, n) -> the runs (one per seed)."""
+    grids: dict[str, dict[tuple[float, int], list[RunResult]]] = {}
     for summary in sorted(runs.glob("*/summary.json")):
         result = RunResult.load(summary.parent)
         settings = result.settings
+        grid = grids.setdefault(settings.get("strategy.aggregation", "rps"), {})
         grid.setdefault((float(settings[drop_key]), int(settings["strategy.workers_per_device"])), []).append(result)
-    return grid
+    return grids
 
 
 def finals(results: list[RunResult], key: str) -> list[float]:
@@ -96,10 +105,12 @@ def spread(results: list[RunResult], key: str) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def plot(grid: dict[tuple[float, int], list[RunResult]], path: Path, title: str) -> None:
+def plot(grids: dict[str, dict[tuple[float, int], list[RunResult]]], path: Path, title: str) -> None:
     plt = pyplot()
+    grid = grids["rps"]
     ps, ns = sorted({p for p, _ in grid}), sorted({n for _, n in grid})
-    fig, (curves, loss_gap, acc_gap) = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 3 + (len(grids) > 1), figsize=(16 + 5 * (len(grids) > 1), 4.2))
+    curves, loss_gap, acc_gap = axes[:3]
     n_max = ns[-1]
     for p in ps:
         if (p, n_max) in grid:
@@ -118,6 +129,16 @@ def plot(grid: dict[tuple[float, int], list[RunResult]], path: Path, title: str)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set(xlabel="workers n", ylabel=f"{what}: p minus p = 0", title=f"(b) the gap to p = 0: {what} (± 1 s.e.)")
         ax.legend(fontsize=8)
+    if len(grids) > 1:
+        ablation = axes[3]
+        for rule, rule_grid in grids.items():
+            at = [p for p in ps if (p, n_max) in rule_grid]
+            ablation.errorbar(at, [final(rule_grid[(p, n_max)], "train_loss") for p in at],
+                              yerr=[spread(rule_grid[(p, n_max)], "train_loss") for p in at], marker="o", capsize=3,
+                              label="models averaged (RPS)" if rule == "rps" else f"{rule} (aggregation={rule})")
+        ablation.set(xlabel="drop rate p", ylabel="final training loss", yscale="log",
+                     title=f"(c) the ablation, n = {n_max} (± 1 s.e.)")
+        ablation.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -133,10 +154,11 @@ def main() -> None:
     table, _ = compare([runs], out=args.out, over=["seed"])
     print(table)
     drop_key = DROP_KEY[args.network]
-    grid = grid_of(runs, drop_key)
+    grids = grid_of(runs, drop_key)
+    grid = grids["rps"]
     title = (f"RPS on MNIST-1D (CNN), plain SGD, batch 32 per worker, {args.steps} steps, "
              f"{'i.i.d. drops' if args.network == 'bernoulli' else 'ns-3 star'}, {len(args.seeds)} seeds")
-    plot(grid, args.out / "grid.png", title)
+    plot(grids, args.out / "grid.png", title)
     print(f"\nthe gap to p = 0 (final training loss / accuracy, mean over {len(args.seeds)} seeds):")
     ns = sorted({n for _, n in grid})
     print("| p | " + " | ".join(f"n = {n}" for n in ns) + " |\n|---|" + "---|" * len(ns))
@@ -149,6 +171,12 @@ def main() -> None:
             if (p, n) in grid and (0.0, n) in grid else "-" for n in ns
         ]
         print(f"| {p:g} | " + " | ".join(cells) + " |")
+    if len(grids) > 1:
+        print(f"\nthe ablation: final training loss by aggregation rule (mean over {len(args.seeds)} seeds):")
+        print("| p | n | " + " | ".join(grids) + " |\n|---|---|" + "---|" * len(grids))
+        for p, n in sorted(grid):
+            cells = [f"{final(g[(p, n)], 'train_loss'):.4f}" if (p, n) in g else "-" for g in grids.values()]
+            print(f"| {p:g} | {n} | " + " | ".join(cells) + " |")
     print(f"\n{len(list(runs.glob('*/summary.json')))} runs in {time.time() - started:.0f} s; "
           f"table: {args.out / 'compare.md'}, plots: {args.out / 'grid.png'}, {args.out / 'compare.png'}")
 

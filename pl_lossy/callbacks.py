@@ -85,7 +85,8 @@ class RunSummary(Callback):
     logs ``train_loss_epoch``), ``train_eval_loss`` (the whole training set's, when it logs that), ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
     ``sim_time_s``, ``comm_time_s``, ``compute_time_s`` (totals), ``compute`` (the compute model and its
     per-round time), ``background`` (when the network had tenants: flows completed, their flow-weighted
-    mean completion time, the mean over rounds of each round's 99th percentile), ``wall_time_s`` (from
+    mean completion time, the mean over rounds of each round's 99th percentile), ``outcome_store`` (ns-3:
+    rounds replayed from the store, simulated, written, damaged; the store's path and size), ``wall_time_s`` (from
     this callback's creation), ``config``.
     """
 
@@ -132,6 +133,12 @@ class RunSummary(Callback):
             )
             if self.background.rounds:
                 out["background"] = self.background.summary()
+            network = strategy.network
+            while not hasattr(network, "store_summary") and hasattr(network, "network"):  # a TraceRecorder's
+                network = network.network
+            report = network.store_summary() if hasattr(network, "store_summary") else None
+            if report is not None:
+                out["outcome_store"] = report
         out["wall_time_s"] = time.time() - self.started
         out["config"] = self.config
         return out

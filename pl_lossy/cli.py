@@ -1,11 +1,14 @@
-"""The ``pl-lossy`` console script: ``pl-lossy compare ...`` (training itself is ``examples/train.py``)."""
+"""The ``pl-lossy`` console script: ``pl-lossy compare ...``, ``pl-lossy store ...`` (training itself is ``examples/train.py``)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"compare": "runs or -m sweeps in one table (markdown, CSV) and one figure"}
+COMMANDS = {
+    "compare": "runs or -m sweeps in one table (markdown, CSV) and one figure",
+    "store": "the outcome store of simulated ns-3 rounds: show it, or prune it",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -17,6 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if argv[0] == "store":
+        from .network import outcome_store
+
+        return outcome_store.main(argv[1:])
     from . import compare
 
     return compare.main(argv[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -100,6 +101,9 @@ class Classifier(pl.LightningModule):
 
     Logs ``train_loss`` per step, ``val_loss`` and ``val_acc`` per epoch (``sync_dist``: the mean over
     ranks, each rank evaluating its own replica on its shard of the validation set).
+
+    ``lr_milestones``: fractions of the run's optimizer steps after which the learning rate is
+    multiplied by ``lr_gamma`` (the step schedule of the CIFAR ResNet recipe: ``[0.5, 0.75]``, x 0.1).
     """
 
     def __init__(
@@ -111,12 +115,18 @@ class Classifier(pl.LightningModule):
         lr: float = 0.1,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        lr_milestones: Sequence[float] = (),
+        lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if any(not 0 < m < 1 for m in lr_milestones) or list(lr_milestones) != sorted(lr_milestones):
+            raise ValueError(f"lr_milestones must be increasing fractions of the run in (0, 1), got {list(lr_milestones)}")
+        if not 0 < lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {lr_gamma}")
         self.save_hyperparameters(ignore=["net"])
         self.net = net(input_shape=tuple(input_shape), num_classes=num_classes)
 
@@ -144,5 +154,14 @@ class Classifier(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         if h.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+            optimizer = torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        if not h.get("lr_milestones"):
+            return optimizer
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("lr_milestones need a run of known length: set trainer.max_steps or trainer.max_epochs")
+        milestones = [max(1, int(m * steps)) for m in h.lr_milestones]
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=h.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -321,10 +321,10 @@ class LossyPSStrategy(DDPStrategy):
         if isinstance(self.network, TraceRecorder) and not self.is_global_zero:
             self.network = self.network.network  # only rank 0 records
         rank_zero_info(
-            f"lossy_ps: aggregation {self.aggregation}, {self.n_workers} workers ({self.world_size} processes x "
-            f"{self.workers_per_device}), {layout.n_servers} "
+            f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {layout.n_servers} "
             f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
-            f"{layout.packets_per_block} packets x {layout.packet_bytes} B; network {self.network.describe()}"
+            f"{layout.packets_per_block} packets x {layout.packet_bytes} B, aggregation {self.aggregation}; "
+            f"network {self.network.describe()}"
         )
 
     def _check_run_length(self, trainer: "pl.Trainer") -> None:

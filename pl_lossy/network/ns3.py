@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +17,9 @@ from ns3_bridge.sim.config import NetworkConfig
 from ns3_bridge.sim.round import SIM_PACKETS_PER_S, TRANSPORTS, RoundShape, packet_budget
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
+from .outcome_store import OutcomeStore, config_settings, resolve_path, round_key, simulator_identity
+
+log = logging.getLogger(__name__)
 
 
 class Ns3Network(NetworkModel):
@@ -54,6 +59,10 @@ class Ns3Network(NetworkModel):
     starts (rounds are independent, so K processes simulate K rounds at once); ``run_ahead=k`` queues
     rounds r+1..r+k whenever round r is asked for, so the bridge simulates them while training
     computes. The bridge keeps at most 1,024 outcomes and queues at most 256 rounds.
+
+    ``store``: simulated rounds are kept in an SQLite outcome store and replayed by later runs of the same
+    network (see :mod:`pl_lossy.network.outcome_store`): ``"auto"`` (``$PL_LOSSY_STORE``, else the user
+    cache), a path, or ``None``/``"off"``. A run whose rounds are all stored starts no bridge.
     """
 
     same_on_every_rank = False
@@ -68,6 +77,7 @@ class Ns3Network(NetworkModel):
         run_ahead: int = 0,
         max_round_packets: Optional[int] = None,
         curve_keys: Optional[str] = None,
+        store: Optional[str] = "auto",
         **settings: Any,
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
@@ -102,6 +112,10 @@ class Ns3Network(NetworkModel):
         self.startup_timeout_s = float(startup_timeout_s)
         self._client: Optional[BridgeClient] = None
         self._process: Optional[subprocess.Popen] = None
+        self.store_path = resolve_path(store)
+        self._store: Optional[OutcomeStore] = None
+        self._store_report: Optional[dict[str, Any]] = None
+        self._settings: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ the bridge
 
@@ -148,15 +162,43 @@ class Ns3Network(NetworkModel):
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         self.check_round(spec)
+        store = self.store
+        if store is not None:
+            stored = store.get(self._key(spec, spec.round))
+            if stored is not None:
+                return stored
         client = self._connect()
         if self.run_ahead:
             # queue rounds r+1..r+run_ahead first: the pool simulates them while training computes
             ahead = range(max(spec.round + 1, self._ahead_until + 1), spec.round + 1 + self.run_ahead)
+            missing = [r for r in ahead if store is None or not store.contains(self._key(spec, r))]
+            if missing:
+                client.prefetch([self._shape(spec, r) for r in missing])
             if len(ahead):
-                client.prefetch([self._shape(spec, r) for r in ahead])
                 self._ahead_until = ahead[-1]
         (result,) = client.outcomes([self._shape(spec, spec.round)])
-        return RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
+        outcome = RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
+        if store is not None:
+            store.put(self._key(spec, spec.round), outcome)
+        return outcome
+
+    @property
+    def store(self) -> Optional[OutcomeStore]:
+        """The outcome store (opened on first use; None when off)."""
+        if self._store is None and self.store_path is not None:
+            self._store = OutcomeStore(self.store_path)
+        return self._store
+
+    def _key(self, spec: RoundSpec, round_index: int) -> str:
+        if self._settings is None:
+            self._settings = config_settings(self.config)
+        shape = dataclasses.asdict(self._shape(spec, 0))
+        del shape["round"]
+        return round_key(self._settings, shape, round_index, simulator_identity())
+
+    def store_summary(self) -> Optional[dict[str, Any]]:
+        """This run's hits, misses and the store's size (None when there is no store or it was never used)."""
+        return self._store.summary() if self._store is not None else self._store_report
 
     def _shape(self, spec: RoundSpec, round_index: int) -> RoundShape:
         return RoundShape(
@@ -168,6 +210,11 @@ class Ns3Network(NetworkModel):
         """Run-ahead is driven by :meth:`outcome` (``run_ahead`` rounds past each request)."""
 
     def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            log.info(store.describe())
+            self._store_report = store.summary()
+            store.close()
         client, process = self._client, self._process
         self._client = self._process = None
         if client is not None and process is not None and process.poll() is None:

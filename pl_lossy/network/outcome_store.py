@@ -1,0 +1,295 @@
+"""Simulate once, train many: simulated rounds kept in an SQLite file, keyed by everything that decides them.
+
+A round's outcome is a pure function of the network's settings, the round's shape, its index and the
+simulator itself. :class:`OutcomeStore` keeps outcomes under a key hashing all of these (see
+:func:`round_key`), so a run replays the rounds an earlier run simulated (another learning rate, model of
+the same size, optimizer seed, a rerun, a resumed run) and asks ns-3 only for the missing ones.
+
+- **Where**: ``$PL_LOSSY_STORE`` if set (a path, or ``off``), else ``outcomes.sqlite`` in the user cache
+  (``$PL_LOSSY_CACHE``, default ``~/.cache/pl-lossy``). ``Ns3Network(store=...)`` overrides both.
+- **Concurrent runs** (a sweep's jobs): WAL mode, one short transaction per round, writers wait for each
+  other (``busy timeout``); identical keys hold identical outcomes, so the last writer wins harmlessly.
+- **Never wrong**: every entry carries a CRC-32 of its bytes; a damaged or truncated one is deleted and
+  the round simulated again. A store that cannot be opened or written (read-only, disk full) is left
+  alone after one warning: the run simulates as if there were none.
+- **Invalidation**: the key holds the simulator's identity (the ns-3 version and a hash of the bridge's
+  simulation sources, C++ engines included), so a changed engine never serves an old round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import sqlite3
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .base import RoundOutcome
+
+log = logging.getLogger(__name__)
+
+#: Bytes per entry besides the packed masks: header length, then a JSON header.
+_HEADER = struct.Struct("<I")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    key TEXT PRIMARY KEY,      -- round_key(): sha256 of settings, shape, round and simulator
+    payload BLOB NOT NULL,     -- encode(): JSON header (shapes, phase times, stats) + packed mask bits
+    crc INTEGER NOT NULL,      -- zlib.crc32(payload): a damaged entry is re-simulated, never served
+    created REAL NOT NULL,     -- unix time written
+    used REAL NOT NULL         -- unix time last served (prune by age)
+)"""
+
+
+def default_path() -> Optional[Path]:
+    """``$PL_LOSSY_STORE`` (``off`` turns the store off), else ``outcomes.sqlite`` in the user cache."""
+    env = os.environ.get("PL_LOSSY_STORE")
+    if env is not None:
+        return None if env.strip().lower() in ("off", "none", "") else Path(env).expanduser()
+    cache = Path(os.environ.get("PL_LOSSY_CACHE") or Path.home() / ".cache" / "pl-lossy").expanduser()
+    return cache / "outcomes.sqlite"
+
+
+def resolve_path(store: Union[str, os.PathLike, None]) -> Optional[Path]:
+    """What ``Ns3Network(store=...)`` means: ``"auto"`` the default place, ``None``/``"off"`` no store, else a path."""
+    if store is None or (isinstance(store, str) and store.strip().lower() in ("off", "none", "false")):
+        return None
+    if isinstance(store, str) and store.strip().lower() == "auto":
+        return default_path()
+    return Path(store).expanduser()
+
+
+@functools.lru_cache(maxsize=1)
+def simulator_identity() -> str:
+    """The ns-3 version and a hash of the bridge's simulation sources (Python and C++).
+
+    The version is the installed ``ns3`` wheel's, or, where ns-3 is not installed (a GPU machine
+    replaying rounds simulated elsewhere), the one this package pins: the same on both machines."""
+    try:
+        version = importlib.metadata.version("ns3")
+    except importlib.metadata.PackageNotFoundError:
+        pins = [r for r in (importlib.metadata.requires("pl-lossy") or []) if r.replace(" ", "").startswith("ns3==")]
+        version = pins[0].split("==", 1)[1].split(";")[0].strip() if pins else "unknown"
+    import ns3_bridge.sim
+
+    root = Path(ns3_bridge.sim.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".hpp", ".h", ".cc") and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return f"ns3 {version}; sim {digest.hexdigest()[:16]}"
+
+
+def round_key(settings: dict[str, Any], shape: dict[str, Any], round_index: int, simulator: str) -> str:
+    """sha256 over the network's settings, the round's shape (without its index), the index and the simulator."""
+    blob = json.dumps({"settings": settings, "shape": shape, "round": int(round_index), "simulator": simulator},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def config_settings(config: Any) -> dict[str, Any]:
+    """A dataclass config as a JSON-ready dict (the part of a key that is the network)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
+
+
+def encode(outcome: RoundOutcome) -> bytes:
+    header = json.dumps({
+        "up": list(outcome.up.shape), "down": list(outcome.down.shape),
+        "up_time_s": outcome.up_time_s, "down_time_s": outcome.down_time_s, "stats": outcome.stats,
+    }).encode()
+    return _HEADER.pack(len(header)) + header + np.packbits(outcome.up.ravel()).tobytes() + np.packbits(outcome.down.ravel()).tobytes()
+
+
+def decode(payload: bytes) -> RoundOutcome:
+    """Inverse of :func:`encode`; ValueError if the bytes do not hold a whole outcome."""
+    (n,) = _HEADER.unpack_from(payload)
+    header = json.loads(payload[_HEADER.size : _HEADER.size + n])
+    bits = np.frombuffer(payload, dtype=np.uint8, offset=_HEADER.size + n)
+    n_up, n_down = int(np.prod(header["up"])), int(np.prod(header["down"]))
+    up_bytes = (n_up + 7) // 8
+    if bits.size != up_bytes + (n_down + 7) // 8:
+        raise ValueError(f"an entry of {bits.size} mask bytes cannot hold masks {header['up']} and {header['down']}")
+    up = np.unpackbits(bits[:up_bytes], count=n_up).astype(bool).reshape(header["up"])
+    down = np.unpackbits(bits[up_bytes:], count=n_down).astype(bool).reshape(header["down"])
+    return RoundOutcome(up, down, float(header["up_time_s"]), float(header["down_time_s"]), dict(header["stats"]))
+
+
+@dataclasses.dataclass
+class StoreCounts:
+    hits: int = 0          # rounds served from the store
+    misses: int = 0        # rounds simulated (not stored, or damaged)
+    damaged: int = 0       # entries that failed their checksum (deleted, re-simulated)
+    written: int = 0       # rounds stored by this run
+
+
+class OutcomeStore:
+    """One SQLite file of simulated rounds; see the module docstring. Never raises on I/O trouble:
+    after one warning it behaves as a store that holds nothing and keeps nothing."""
+
+    def __init__(self, path: Union[str, os.PathLike], busy_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.counts = StoreCounts()
+        self._db: Optional[sqlite3.Connection] = None
+        self._broken: Optional[str] = None
+        self._busy_timeout_s = busy_timeout_s
+
+    @property
+    def usable(self) -> bool:
+        return self._broken is None
+
+    def _disable(self, what: str, error: BaseException) -> None:
+        if self._broken is None:
+            self._broken = f"{what}: {error}"
+            log.warning("outcome store %s %s: %s; simulating every round instead (set network.store=off to silence this)",
+                        self.path, what, error)
+        self.close()
+
+    def _connection(self) -> Optional[sqlite3.Connection]:
+        if self._db is None and self._broken is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(SCHEMA)
+                self._db = db
+            except (OSError, sqlite3.Error) as error:
+                self._disable("cannot be opened", error)
+        return self._db
+
+    def get(self, key: str) -> Optional[RoundOutcome]:
+        """The stored outcome, or None (not stored, damaged, or no usable store). Counts a hit or a miss."""
+        db = self._connection()
+        row = None
+        if db is not None:
+            try:
+                row = db.execute("SELECT payload, crc FROM outcomes WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error as error:
+                self._disable("cannot be read", error)
+        if row is not None:
+            payload, crc = bytes(row[0]), row[1]
+            try:
+                if zlib.crc32(payload) != crc:
+                    raise ValueError("checksum mismatch")
+                outcome = decode(payload)
+            except (ValueError, KeyError, struct.error, json.JSONDecodeError) as error:
+                self.counts.damaged += 1
+                log.warning("outcome store %s: a damaged entry (%s) is simulated again", self.path, error)
+                self._execute("DELETE FROM outcomes WHERE key = ?", (key,))
+            else:
+                self.counts.hits += 1
+                self._execute("UPDATE outcomes SET used = ? WHERE key = ?", (time.time(), key))
+                return outcome
+        self.counts.misses += 1
+        return None
+
+    def contains(self, key: str) -> bool:
+        db = self._connection()
+        if db is None:
+            return False
+        try:
+            return db.execute("SELECT 1 FROM outcomes WHERE key = ?", (key,)).fetchone() is not None
+        except sqlite3.Error as error:
+            self._disable("cannot be read", error)
+            return False
+
+    def put(self, key: str, outcome: RoundOutcome) -> None:
+        payload = encode(outcome)
+        now = time.time()
+        if self._execute("INSERT OR REPLACE INTO outcomes (key, payload, crc, created, used) VALUES (?, ?, ?, ?, ?)",
+                         (key, payload, zlib.crc32(payload), now, now)):
+            self.counts.written += 1
+
+    def _execute(self, sql: str, args: tuple) -> bool:
+        db = self._connection()
+        if db is None:
+            return False
+        try:
+            db.execute(sql, args)
+            return True
+        except sqlite3.Error as error:
+            self._disable("cannot be written", error)
+            return False
+
+    def summary(self) -> dict[str, Any]:
+        """What this run did with the store, and the store's size (for logs and summary.json)."""
+        out: dict[str, Any] = {"path": str(self.path), **dataclasses.asdict(self.counts)}
+        if self._broken:
+            out["unusable"] = self._broken
+        else:
+            out.update(self.size())
+        return out
+
+    def size(self) -> dict[str, int]:
+        """``rounds`` stored and ``bytes`` on disk (the database and its write-ahead log)."""
+        db = self._connection()
+        rounds = 0
+        if db is not None:
+            try:
+                rounds = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
+            except sqlite3.Error:
+                pass
+        files = [self.path, self.path.with_name(self.path.name + "-wal")]
+        return {"rounds": rounds, "bytes": sum(f.stat().st_size for f in files if f.exists())}
+
+    def prune(self, older_than_s: Optional[float] = None) -> int:
+        """Delete entries not served for ``older_than_s`` seconds (all with None); returns how many went."""
+        db = self._connection()
+        if db is None:
+            return 0
+        cutoff = time.time() - older_than_s if older_than_s is not None else float("inf")
+        deleted = db.execute("DELETE FROM outcomes WHERE used < ?", (cutoff,)).rowcount
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("VACUUM")
+        return deleted
+
+    def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+    def describe(self) -> str:
+        c = self.counts
+        size = self.size() if self.usable else {"rounds": 0, "bytes": 0}
+        state = f" (unusable: {self._broken})" if self._broken else ""
+        return (f"outcome store {self.path}{state}: {c.hits} rounds replayed, {c.misses} simulated, {c.written} written, "
+                f"{c.damaged} damaged; it holds {size['rounds']:,} rounds ({size['bytes'] / 1e6:.1f} MB)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``pl-lossy store [show|prune] [--path P] [--older-than DAYS]``."""
+    p = argparse.ArgumentParser(prog="pl-lossy store", description="The outcome store of simulated ns-3 rounds.")
+    p.add_argument("action", nargs="?", choices=("show", "prune"), default="show")
+    p.add_argument("--path", type=Path, help="the store (default: $PL_LOSSY_STORE, else the user cache's outcomes.sqlite)")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="prune: only entries not used for this many days")
+    args = p.parse_args(argv)
+    path = args.path or default_path()
+    if path is None:
+        print("the outcome store is off (PL_LOSSY_STORE=off)")
+        return 0
+    if not path.exists():
+        print(f"no outcome store at {path} (runs create it when they simulate a round)")
+        return 0
+    store = OutcomeStore(path)
+    if args.action == "prune":
+        if args.older_than is not None and args.older_than < 0:
+            p.error(f"--older-than must be >= 0 days, got {args.older_than}")
+        gone = store.prune(None if args.older_than is None else args.older_than * 86400)
+        print(f"pruned {gone:,} rounds")
+    size = store.size()
+    print(f"{path}: {size['rounds']:,} rounds, {size['bytes'] / 1e6:.1f} MB; simulator now: {simulator_identity()}")
+    store.close()
+    return 0 if store.usable else 1

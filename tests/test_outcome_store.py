@@ -1,0 +1,136 @@
+"""The outcome store: simulated rounds kept in SQLite and replayed, never wrong, shared by concurrent runs."""
+
+import logging
+import multiprocessing
+import sqlite3
+
+import numpy as np
+import pytest
+
+from pl_lossy.network import RoundOutcome
+from pl_lossy.network.outcome_store import OutcomeStore, decode, encode, round_key
+
+
+def _outcome(seed, shape=(3, 3, 5)):
+    rng = np.random.default_rng(seed)
+    return RoundOutcome(rng.random(shape) > 0.3, rng.random(shape) > 0.3, 1e-3 * seed, 2e-3, {"drops_queue": float(seed)})
+
+
+def _same(a, b):
+    return (np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down) and a.up_time_s == b.up_time_s
+            and a.down_time_s == b.down_time_s and a.stats == b.stats)
+
+
+def test_an_outcome_round_trips_through_its_bytes_and_the_store(tmp_path):
+    out = _outcome(7, (4, 2, 13))
+    assert _same(decode(encode(out)), out)
+    store = OutcomeStore(tmp_path / "s.sqlite")
+    assert store.get("k") is None
+    store.put("k", out)
+    assert _same(store.get("k"), out)
+    assert (store.counts.hits, store.counts.misses, store.counts.written) == (1, 1, 1)
+    assert store.size()["rounds"] == 1 and store.size()["bytes"] > 0
+    store.close()
+    assert _same(OutcomeStore(tmp_path / "s.sqlite").get("k"), out)  # persists
+
+
+def test_the_key_changes_with_every_setting_the_shape_the_round_and_the_simulator():
+    base = dict(settings={"loss_rate": 0.1, "seed": 0}, shape={"n_workers": 2}, round_index=3, simulator="ns3 3.44; sim a")
+    key = round_key(**base)
+    assert round_key(**base) == key
+    for change in ({"settings": {"loss_rate": 0.2, "seed": 0}}, {"settings": {"loss_rate": 0.1, "seed": 1}},
+                   {"shape": {"n_workers": 4}}, {"round_index": 4}, {"simulator": "ns3 3.44; sim b"}):
+        assert round_key(**{**base, **change}) != key, change
+
+
+def test_a_damaged_entry_is_simulated_again_never_served(tmp_path, caplog):
+    store = OutcomeStore(tmp_path / "s.sqlite")
+    store.put("a", _outcome(1))
+    store.put("b", _outcome(2))
+    db = sqlite3.connect(tmp_path / "s.sqlite")
+    payload = db.execute("SELECT payload FROM outcomes WHERE key = 'a'").fetchone()[0]
+    db.execute("UPDATE outcomes SET payload = ? WHERE key = 'a'", (payload[:-3],))  # truncated, checksum kept
+    flipped = bytearray(db.execute("SELECT payload FROM outcomes WHERE key = 'b'").fetchone()[0])
+    flipped[-1] ^= 0x10
+    db.execute("UPDATE outcomes SET payload = ? WHERE key = 'b'", (bytes(flipped),))  # one mask bit flipped
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING):
+        assert store.get("a") is None and store.get("b") is None
+    assert store.counts.damaged == 2 and store.counts.misses == 2
+    assert "damaged entry" in caplog.text
+    assert not store.contains("a") and not store.contains("b")  # deleted: the next put stores a good one
+
+
+def test_a_store_that_cannot_be_written_warns_once_and_keeps_nothing(tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    store = OutcomeStore(blocker / "outcomes.sqlite")  # its folder cannot be made, even by root
+    with caplog.at_level(logging.WARNING):
+        assert store.get("k") is None
+        store.put("k", _outcome(1))
+        assert store.get("k") is None
+    assert not store.usable and store.counts.written == 0
+    assert caplog.text.count("simulating every round instead") == 1
+    assert "unusable" in store.summary()
+
+
+def _writer(path, first, count, barrier):
+    store = OutcomeStore(path)
+    barrier.wait()
+    for i in range(first, first + count):
+        store.put(f"k{i}", _outcome(i))
+    store.close()
+
+
+def test_two_processes_write_one_store_at_once(tmp_path):
+    path = tmp_path / "s.sqlite"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(path, first, 150, barrier)) for first in (0, 100)]  # 50 keys in common
+    [p.start() for p in procs]
+    [p.join(120) for p in procs]
+    assert [p.exitcode for p in procs] == [0, 0]
+    store = OutcomeStore(path)
+    assert store.size()["rounds"] == 250
+    for i in range(250):
+        assert _same(store.get(f"k{i}"), _outcome(i))
+    assert store.counts.damaged == 0
+
+
+def test_prune_removes_entries_not_used_lately(tmp_path):
+    store = OutcomeStore(tmp_path / "s.sqlite")
+    for i in range(3):
+        store.put(f"k{i}", _outcome(i))
+    assert store.prune(older_than_s=3600) == 0
+    assert store.prune() == 3 and store.size()["rounds"] == 0
+
+
+# ---------------------------------------------------------------------- on the real simulator
+
+
+def _fit(bridge, store, lr, trace, loss_rate=0.1):
+    from pl_lossy import LossyPSStrategy, Ns3Network
+
+    from fits import digits_model, fit_in_process
+
+    network = Ns3Network(endpoint=bridge.endpoint, loss_rate=loss_rate, seed=4, store=str(store))
+    strategy = LossyPSStrategy(network=network, workers_per_device=2, record_trace=str(trace))
+    model, dm = digits_model(lr=lr)
+    fit_in_process(strategy, model, dm, limit_train_batches=6, limit_val_batches=1, max_epochs=1)
+    return network.store_summary()
+
+
+def test_a_second_run_with_another_learning_rate_replays_every_round_and_sees_the_same_masks(bridge, tmp_path):
+    from fits import trace_masks
+
+    store = tmp_path / "outcomes.sqlite"
+    first = _fit(bridge, store, 0.1, tmp_path / "first.npz")
+    assert (first["hits"], first["misses"], first["written"], first["rounds"]) == (0, 6, 6, 6)
+    second = _fit(bridge, store, 0.05, tmp_path / "second.npz")
+    assert (second["hits"], second["misses"], second["written"]) == (6, 0, 0)  # no round simulated: no bridge asked
+    a, b = trace_masks(tmp_path / "first.npz"), trace_masks(tmp_path / "second.npz")
+    assert np.array_equal(a["up"], b["up"]) and np.array_equal(a["down"], b["down"])
+    assert np.array_equal(a["up_time_s"], b["up_time_s"])
+    other = _fit(bridge, store, 0.1, tmp_path / "other.npz", loss_rate=0.2)  # another network: simulated
+    assert (other["hits"], other["misses"], other["rounds"]) == (0, 6, 12)
