@@ -83,19 +83,22 @@ def _writer(path, first, count, barrier):
     store.close()
 
 
-def test_two_processes_write_one_store_at_once(tmp_path):
-    path = tmp_path / "s.sqlite"
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_writer, args=(path, first, 150, barrier)) for first in (0, 100)]  # 50 keys in common
-    [p.start() for p in procs]
-    [p.join(120) for p in procs]
-    assert [p.exitcode for p in procs] == [0, 0]
-    store = OutcomeStore(path)
-    assert store.size()["rounds"] == 250
-    for i in range(250):
-        assert _same(store.get(f"k{i}"), _outcome(i))
-    assert store.counts.damaged == 0
+def test_two_processes_create_and_write_one_store_at_once(tmp_path):
+    """Five fresh stores, each created and written by two processes at the same moment (creating one
+    raced: SQLite refuses a second process switching a new file to WAL without waiting)."""
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(5):
+        path = tmp_path / f"s{trial}.sqlite"
+        barrier = ctx.Barrier(2)
+        procs = [ctx.Process(target=_writer, args=(path, first, 60, barrier)) for first in (0, 40)]  # 20 keys in common
+        [p.start() for p in procs]
+        [p.join(120) for p in procs]
+        assert [p.exitcode for p in procs] == [0, 0]
+        store = OutcomeStore(path)
+        assert store.size()["rounds"] == 100, trial
+        for i in range(100):
+            assert _same(store.get(f"k{i}"), _outcome(i))
+        assert store.counts.damaged == 0
 
 
 def test_prune_removes_entries_not_used_lately(tmp_path):

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 from ns3_bridge.client import BridgeClient, BridgeError
 from ns3_bridge.lifetime import private_ipc_endpoint
@@ -77,7 +77,7 @@ class Ns3Network(NetworkModel):
         run_ahead: int = 0,
         max_round_packets: Optional[int] = None,
         curve_keys: Optional[str] = None,
-        store: Optional[str] = "auto",
+        store: Union[str, bool, None] = "auto",
         **settings: Any,
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
@@ -112,6 +112,8 @@ class Ns3Network(NetworkModel):
         self.startup_timeout_s = float(startup_timeout_s)
         self._client: Optional[BridgeClient] = None
         self._process: Optional[subprocess.Popen] = None
+        if not isinstance(store, (str, os.PathLike, bool, type(None))):
+            raise ValueError(f"store must be 'auto', 'off' or a path, got {store!r}")
         self.store_path = resolve_path(store)
         self._store: Optional[OutcomeStore] = None
         self._store_report: Optional[dict[str, Any]] = None

@@ -60,11 +60,12 @@ def default_path() -> Optional[Path]:
     return cache / "outcomes.sqlite"
 
 
-def resolve_path(store: Union[str, os.PathLike, None]) -> Optional[Path]:
-    """What ``Ns3Network(store=...)`` means: ``"auto"`` the default place, ``None``/``"off"`` no store, else a path."""
-    if store is None or (isinstance(store, str) and store.strip().lower() in ("off", "none", "false")):
+def resolve_path(store: Union[str, os.PathLike, bool, None]) -> Optional[Path]:
+    """What ``Ns3Network(store=...)`` means: ``"auto"`` (or True) the default place, ``None``/``"off"``/False
+    no store (YAML reads a bare ``off`` as False), else a path."""
+    if store is None or store is False or (isinstance(store, str) and store.strip().lower() in ("off", "none", "false", "")):
         return None
-    if isinstance(store, str) and store.strip().lower() == "auto":
+    if store is True or (isinstance(store, str) and store.strip().lower() == "auto"):
         return default_path()
     return Path(store).expanduser()
 
@@ -156,15 +157,27 @@ class OutcomeStore:
 
     def _connection(self) -> Optional[sqlite3.Connection]:
         if self._db is None and self._broken is None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute(SCHEMA)
-                self._db = db
-            except (OSError, sqlite3.Error) as error:
-                self._disable("cannot be opened", error)
+            deadline = time.monotonic() + self._busy_timeout_s
+            while True:
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute(SCHEMA)
+                    self._db = db
+                    break
+                except sqlite3.OperationalError as error:
+                    # two runs creating the store at once: switching a new file to WAL can be refused
+                    # at once (SQLite's deadlock avoidance skips the busy wait): try again
+                    if "locked" in str(error) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    self._disable("cannot be opened", error)
+                    break
+                except (OSError, sqlite3.Error) as error:
+                    self._disable("cannot be opened", error)
+                    break
         return self._db
 
     def get(self, key: str) -> Optional[RoundOutcome]:
