@@ -102,3 +102,20 @@ def test_pool_settings_are_checked_early():
         Ns3Network(sim_workers=0)
     with pytest.raises(ValueError, match="run_ahead must be an integer >= 0"):
         Ns3Network(run_ahead=-1)
+
+
+def test_auto_sizes_the_pool_to_the_cores_training_leaves_free(monkeypatch):
+    from pl_lossy import Ns3Network
+
+    for cores, training, pool, ahead in ((16, 2, 14, 14), (2, 1, 1, 1), (2, 2, 1, 0), (2, 4, 1, 0)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(training))
+        network = Ns3Network(sim_workers="auto", run_ahead="auto", store="off")
+        network._size_pool()
+        assert (network.sim_workers, network.run_ahead) == (pool, ahead), (cores, training)
+    explicit = Ns3Network(sim_workers=3, run_ahead="auto", store="off")
+    explicit._size_pool()
+    assert (explicit.sim_workers, explicit.run_ahead) == (3, 0)  # 2 cores, 4 training processes: none spare
+    for bad in ({"sim_workers": "many"}, {"sim_workers": 0}, {"run_ahead": -1}, {"run_ahead": "soon"}):
+        with pytest.raises(ValueError, match="must be an integer"):
+            Ns3Network(**bad)

@@ -56,9 +56,11 @@ class Ns3Network(NetworkModel):
     ``transport="none"`` simulates the background alone (blocks are delivered outside the fabric).
 
     Speed (outcomes are identical either way): ``sim_workers`` simulation processes in the bridge it
-    starts (rounds are independent, so K processes simulate K rounds at once); ``run_ahead=k`` queues
+    starts (rounds are independent, so K processes simulate K rounds at once; ``"auto"``: the cores this
+    process may use minus the training processes on this machine, at least 1); ``run_ahead=k`` queues
     rounds r+1..r+k whenever round r is asked for, so the bridge simulates them while training
-    computes. The bridge keeps at most 1,024 outcomes and queues at most 256 rounds.
+    computes (``"auto"``: as many rounds as the pool has processes when training leaves a core spare,
+    else 0). The bridge keeps at most 1,024 outcomes and queues at most 256 rounds.
 
     ``store``: simulated rounds are kept in an SQLite outcome store and replayed by later runs of the same
     network (see :mod:`pl_lossy.network.outcome_store`): ``"auto"`` (``$PL_LOSSY_STORE``, else the user
@@ -73,8 +75,8 @@ class Ns3Network(NetworkModel):
         endpoint: Optional[str] = None,
         timeout_s: float = 120.0,
         startup_timeout_s: float = 300.0,
-        sim_workers: int = 1,
-        run_ahead: int = 0,
+        sim_workers: Union[int, str] = 1,
+        run_ahead: Union[int, str] = 0,
         max_round_packets: Optional[int] = None,
         curve_keys: Optional[str] = None,
         store: Union[str, bool, None] = "auto",
@@ -90,14 +92,15 @@ class Ns3Network(NetworkModel):
         self.transport = transport
         if not timeout_s > 0 or not startup_timeout_s > 0:
             raise ValueError(f"timeout_s and startup_timeout_s must be > 0, got {timeout_s}, {startup_timeout_s}")
-        if int(sim_workers) != sim_workers or sim_workers < 1:
-            raise ValueError(f"sim_workers must be an integer >= 1, got {sim_workers!r}")
-        if int(run_ahead) != run_ahead or run_ahead < 0:
-            raise ValueError(f"run_ahead must be an integer >= 0, got {run_ahead!r}")
-        if endpoint is not None and sim_workers != 1:
+        if sim_workers != "auto" and (isinstance(sim_workers, (bool, str)) or int(sim_workers) != sim_workers or sim_workers < 1):
+            raise ValueError(f"sim_workers must be an integer >= 1 or 'auto', got {sim_workers!r}")
+        if run_ahead != "auto" and (isinstance(run_ahead, (bool, str)) or int(run_ahead) != run_ahead or run_ahead < 0):
+            raise ValueError(f"run_ahead must be an integer >= 0 or 'auto', got {run_ahead!r}")
+        if endpoint is not None and sim_workers not in (1, "auto"):
             raise ValueError("sim_workers applies to the bridge Ns3Network starts; start yours with --workers")
-        self.sim_workers = int(sim_workers)
-        self.run_ahead = int(run_ahead)
+        # "auto" is sized when the bridge starts, from the cores training leaves free (known then)
+        self.sim_workers: Union[int, str] = sim_workers if sim_workers == "auto" else int(sim_workers)
+        self.run_ahead: Union[int, str] = run_ahead if run_ahead == "auto" else int(run_ahead)
         if max_round_packets is not None and (not isinstance(max_round_packets, int) or isinstance(max_round_packets, bool)
                                               or max_round_packets < 1):
             raise ValueError(f"max_round_packets must be a positive integer or None (sized from timeout_s), got {max_round_packets!r}")
@@ -130,6 +133,7 @@ class Ns3Network(NetworkModel):
             return self._client
         alive = None
         endpoint = self.endpoint
+        self._size_pool()
         if endpoint is None:
             endpoint = private_ipc_endpoint(f"pl-lossy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self._process = subprocess.Popen(
@@ -151,6 +155,24 @@ class Ns3Network(NetworkModel):
             raise
         self._client = client
         return client
+
+    def _size_pool(self) -> None:
+        """Resolve ``"auto"``: spare cores = this process's usable cores minus the training processes here."""
+        if self.sim_workers != "auto" and self.run_ahead != "auto":
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        training = int(os.environ.get("LOCAL_WORLD_SIZE") or 0)
+        if not training:
+            import torch.distributed as dist
+
+            training = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        spare = cores - training
+        if self.sim_workers == "auto":
+            self.sim_workers = 1 if self.endpoint is not None else max(1, spare)
+        if self.run_ahead == "auto":
+            self.run_ahead = self.sim_workers if spare > 0 else 0
+        log.info("ns-3: %d simulation process(es), run-ahead %d (%d cores, %d training processes)",
+                 self.sim_workers, self.run_ahead, cores, training)
 
     def check_round(self, spec: RoundSpec) -> None:
         packets = self._shape(spec, spec.round).training_packets
