@@ -137,3 +137,17 @@ def test_a_second_run_with_another_learning_rate_replays_every_round_and_sees_th
     assert np.array_equal(a["up_time_s"], b["up_time_s"])
     other = _fit(bridge, store, 0.1, tmp_path / "other.npz", loss_rate=0.2)  # another network: simulated
     assert (other["hits"], other["misses"], other["rounds"]) == (0, 6, 12)
+
+
+def test_a_store_that_cannot_be_written_still_trains_exactly_as_without_one(bridge, tmp_path, caplog):
+    from fits import trace_masks
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        report = _fit(bridge, blocker / "outcomes.sqlite", 0.1, tmp_path / "unwritable.npz")
+    assert "unusable" in report and (report["misses"], report["written"]) == (6, 0)
+    assert caplog.text.count("simulating every round instead") == 1
+    _fit(bridge, "off", 0.1, tmp_path / "none.npz")
+    a, b = trace_masks(tmp_path / "unwritable.npz"), trace_masks(tmp_path / "none.npz")
+    assert np.array_equal(a["up"], b["up"]) and np.array_equal(a["down"], b["down"])
