@@ -279,7 +279,11 @@ class OutcomeStore:
         size = self.size() if self.usable else {"rounds": 0, "bytes": 0}
         state = f" (unusable: {self._broken})" if self._broken else ""
         return (f"outcome store {self.path}{state}: {c.hits} rounds replayed, {c.misses} simulated, {c.written} written, "
-                f"{c.damaged} damaged; it holds {size['rounds']:,} rounds ({size['bytes'] / 1e6:.1f} MB)")
+                f"{c.damaged} damaged; it holds {size['rounds']:,} rounds ({_human(size['bytes'])})")
+
+
+def _human(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -303,6 +307,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gone = store.prune(None if args.older_than is None else args.older_than * 86400)
         print(f"pruned {gone:,} rounds")
     size = store.size()
-    print(f"{path}: {size['rounds']:,} rounds, {size['bytes'] / 1e6:.1f} MB; simulator now: {simulator_identity()}")
+    print(f"{path}: {size['rounds']:,} rounds, {_human(size['bytes'])}; simulator now: {simulator_identity()}")
     store.close()
     return 0 if store.usable else 1
