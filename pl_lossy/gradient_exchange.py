@@ -66,6 +66,7 @@ class GradientExchange:
         self.grads = torch.zeros(self.k, n, dtype=torch.float32, device=device)
         self._wire = torch.zeros(n + SIDE_FIELDS * n_processes, dtype=torch.float32, device=device)
         self._weights = torch.empty((self.k, *layout.shape[:2]), dtype=torch.float32)
+        self._kept = torch.empty(0, layout.elems_per_packet, dtype=torch.float32, device=device)
         if rule == "hadamard":
             self._signs = torch.empty(layout.n_servers, block, dtype=torch.float32, device=device)
             self._scratch = torch.empty(self.k, layout.n_servers, block, dtype=torch.float32, device=device)
@@ -73,7 +74,7 @@ class GradientExchange:
 
     def extra_bytes(self) -> int:
         """Memory the exchange holds besides the gradients themselves."""
-        held = [self.grads, self._wire] + ([self._signs, self._scratch] if self.rule == "hadamard" else [])
+        held = [self.grads, self._wire, self._kept] + ([self._signs, self._scratch] if self.rule == "hadamard" else [])
         return sum(t.numel() * t.element_size() for t in held)
 
     def _to_device(self, t: Tensor) -> Tensor:
@@ -131,7 +132,11 @@ class GradientExchange:
         send = self._wire[: lay.padded_numel].view(lay.shape)
         kept = None
         if self.rule == "gradient" and missed_cpu.numel():
-            kept = g.view(-1, lay.elems_per_packet).index_select(0, missed)  # small: the missed packets only
+            n = missed_cpu.numel()
+            if n > self._kept.shape[0]:  # grows to the most packets ever missed in one round, then stays
+                self._kept = torch.empty(max(n, 2 * self._kept.shape[0]), lay.elems_per_packet, dtype=torch.float32,
+                                         device=self._kept.device)
+            kept = torch.index_select(g.view(-1, lay.elems_per_packet), 0, missed, out=self._kept[:n])
         torch.mul(g[0], weights[0].unsqueeze(-1), out=send)
         for j in range(1, k):
             send.addcmul_(g[j], weights[j].unsqueeze(-1))
