@@ -15,8 +15,6 @@ side by side in one run. A pool can only hide simulation behind training on spar
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import os
 import tempfile
 import time
@@ -25,9 +23,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from bench_training import model_and_data  # this folder is on sys.path when a benchmark runs as a script
 from pl_lossy import BernoulliNetwork, LossyPSStrategy, Ns3Network
-from pl_lossy.data import DigitsDataModule, SyntheticDataModule
-from pl_lossy.models import MLP, Classifier, ResNet20
 
 
 class StepTimer(pl.Callback):
@@ -43,17 +40,8 @@ class StepTimer(pl.Callback):
         return (t[-1] - t[0]) / (len(t) - 1)
 
 
-def model_and_data(name: str):
-    pl.seed_everything(0, verbose=False)
-    if name == "mlp":
-        dm = DigitsDataModule(batch_size=32)
-        return Classifier(functools.partial(MLP, hidden=(128,)), dm.input_shape, dm.num_classes), dm
-    dm = SyntheticDataModule(n_samples=8192, input_shape=(3, 32, 32), batch_size=32)
-    return Classifier(ResNet20, dm.input_shape, dm.num_classes, momentum=0.9), dm
-
-
 def time_fit(name: str, network, workers: int, steps: int) -> tuple[float, LossyPSStrategy]:
-    model, dm = model_and_data(name)
+    model, dm = model_and_data(name, n_samples=8192)  # enough batches that 32 workers rarely cross an epoch
     timer = StepTimer()
     strategy = LossyPSStrategy(network=network, workers_per_device=workers, compute_time_s=0.0)
     trainer = pl.Trainer(

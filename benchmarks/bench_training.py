@@ -41,12 +41,13 @@ class StepTimer(pl.Callback):
             self.path.write_text(json.dumps({"per_step_s": (t[-1] - t[0]) / (len(t) - 1), "steps": len(t) - 1}))
 
 
-def model_and_data(name: str):
+def model_and_data(name: str, n_samples: int = 4000):
+    """The digits MLP (``mlp``) or ResNet-20 on synthetic 3x32x32 images of ``n_samples``, seeded."""
     pl.seed_everything(0, verbose=False)
     if name == "mlp":
         dm = DigitsDataModule(batch_size=32)
         return Classifier(functools.partial(MLP, hidden=(128,)), dm.input_shape, dm.num_classes), dm
-    dm = SyntheticDataModule(n_samples=4000, input_shape=(3, 32, 32), batch_size=32)
+    dm = SyntheticDataModule(n_samples=n_samples, input_shape=(3, 32, 32), batch_size=32)
     return Classifier(ResNet20, dm.input_shape, dm.num_classes, momentum=0.9), dm
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pl_lossy.aggregation import AGGREGATIONS
-from pl_lossy.compare import compare, pyplot
+from pl_lossy.compare import compare, pyplot, save_figure
 from pl_lossy.runs import RunResult, mean_curve, run_sweep, split_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -97,10 +97,7 @@ def plot(groups: dict[tuple[str, str], list[RunResult]], rules: list[str], path:
     bars.set_xticks(range(len(rules)), rules)
     bars.set(ylabel="final training loss", title="final training loss (± 1 s.e. over seeds)")
     bars.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main() -> None:

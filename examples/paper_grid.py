@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from pl_lossy.compare import compare, pyplot
+from pl_lossy.compare import compare, pyplot, save_figure
 from pl_lossy.aggregation import AGGREGATIONS
 from pl_lossy.runs import RunResult, mean_curve, run_sweep, split_overrides
 
@@ -139,10 +139,7 @@ def plot(grids: dict[str, dict[tuple[float, int], list[RunResult]]], path: Path,
         ablation.set(xlabel="drop rate p", ylabel="final training loss", yscale="log",
                      title=f"(c) the ablation, n = {n_max} (± 1 s.e.)")
         ablation.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main() -> None:

@@ -183,6 +183,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path, title: str = "") -> Path:
+    """Title, lay out, write (creating the folder) and close a figure: every plot of the project ends so."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def plot(results: Sequence[RunResult], labels: Sequence[str], path: Path, target: Optional[float] = None, title: str = "") -> Path:
     """One figure: validation accuracy against simulated time and against steps, training loss against
     steps, each run's delivered fractions, and background completion times when any run had tenants."""
@@ -234,13 +245,7 @@ def plot(results: Sequence[RunResult], labels: Sequence[str], path: Path, target
         fct.legend(fontsize=7)
     if len(results) > 1:
         acc_step.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_run(run_dir: Path, path: Optional[Path] = None) -> Path:

@@ -5,7 +5,6 @@ import multiprocessing
 import sqlite3
 
 import numpy as np
-import pytest
 
 from pl_lossy.network import RoundOutcome
 from pl_lossy.network.outcome_store import OutcomeStore, decode, encode, round_key
