@@ -150,3 +150,20 @@ def test_a_store_that_cannot_be_written_still_trains_exactly_as_without_one(brid
     _fit(bridge, "off", 0.1, tmp_path / "none.npz")
     a, b = trace_masks(tmp_path / "unwritable.npz"), trace_masks(tmp_path / "none.npz")
     assert np.array_equal(a["up"], b["up"]) and np.array_equal(a["down"], b["down"])
+
+
+def test_the_simulator_identity_is_the_same_where_neither_ns3_nor_this_package_is_installed(monkeypatch):
+    """The GPU machine runs a checkout on PYTHONPATH without the ns3 wheel: its keys must match this machine's."""
+    import importlib.metadata
+
+    from pl_lossy.network import outcome_store
+
+    here = outcome_store.simulator_identity.__wrapped__()
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", absent)
+    monkeypatch.setattr(importlib.metadata, "requires", absent)
+    assert outcome_store.simulator_identity.__wrapped__() == here
+    assert "unknown" not in here

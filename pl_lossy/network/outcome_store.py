@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import sqlite3
 import struct
 import time
@@ -79,8 +80,7 @@ def simulator_identity() -> str:
     try:
         version = importlib.metadata.version("ns3")
     except importlib.metadata.PackageNotFoundError:
-        pins = [r for r in (importlib.metadata.requires("pl-lossy") or []) if r.replace(" ", "").startswith("ns3==")]
-        version = pins[0].split("==", 1)[1].split(";")[0].strip() if pins else "unknown"
+        version = _pinned_ns3_version()
     import ns3_bridge.sim
 
     root = Path(ns3_bridge.sim.__file__).parent
@@ -89,6 +89,18 @@ def simulator_identity() -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return f"ns3 {version}; sim {digest.hexdigest()[:16]}"
+
+
+def _pinned_ns3_version() -> str:
+    """The ns3 version this package pins: from its installed metadata, else its pyproject.toml (a checkout on
+    ``PYTHONPATH``, as on the GPU machine)."""
+    try:
+        requirements = importlib.metadata.requires("pl-lossy") or []
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        requirements = re.findall(r'"(ns3\s*==[^"]+)"', pyproject.read_text()) if pyproject.is_file() else []
+    pins = [r.replace(" ", "") for r in requirements if r.replace(" ", "").startswith("ns3==")]
+    return pins[0].split("==", 1)[1].split(";")[0] if pins else "unknown"
 
 
 def round_key(settings: dict[str, Any], shape: dict[str, Any], round_index: int, simulator: str) -> str:
