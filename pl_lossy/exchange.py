@@ -75,7 +75,9 @@ class RPSExchange:
         # one worker, its own server: nothing crosses the network and the round changes nothing
         self.identity = self.n_workers == 1 and colocated_servers
         n = layout.padded_numel
-        self._wire = None if self.in_place or self.identity else torch.zeros(n + n_side, dtype=torch.float32, device=device)
+        # made on the first round that needs it: a gradient rule keeps this exchange for divergence only
+        self._wire: Tensor | None = None
+        self._wire_numel = None if self.in_place or self.identity else n + n_side
         self.server_blocks = None if colocated_servers else self.blocks()[0].float().clone()
         self._weights = torch.empty((k, *layout.shape[:2]), dtype=torch.float32)  # CPU: computed from CPU masks
         self._kept = torch.empty(0, layout.elems_per_packet, dtype=dtype, device=device)
@@ -159,6 +161,8 @@ class RPSExchange:
             rps.scale_blocks_(blocks[0], weights[0].to(blocks.dtype))
             send, buffer = blocks[0], self.storage
         else:
+            if self._wire is None:
+                self._wire = torch.zeros(self._wire_numel, dtype=torch.float32, device=self.storage.device)
             buffer = self._wire
             send = buffer[: self.layout.padded_numel].view(self.layout.shape)
             torch.mul(blocks[0], weights[0].unsqueeze(-1), out=send)
