@@ -9,7 +9,8 @@ and the median optimizer-step time after warm-up over all repeats is reported:
 
 - ``plain k*b``: Lightning's default single-device training of one model at batch ``k x b``;
 - ``plain b``: the same at the per-worker batch ``b`` (``k x`` its time is what a loop of k steps costs);
-- ``lossy k x b vmap`` / ``loop``: ``LossyPSStrategy(workers_per_device=k)`` over a 1% Bernoulli network
+- ``lossy k x b vmap`` / ``graph`` / ``loop``: ``LossyPSStrategy(workers_per_device=k, batching=...)`` (``graph``:
+  ``cuda_graph``, on CUDA only) over a 1% Bernoulli network
   (every worker its own replica and shard of ``b`` rows, one RPS round per step; compute time fixed,
   so rounds read nothing back from the device);
 - ``plain``, Lightning's ``DDPStrategy`` in one process, and ``lossy 1 x b`` at ``--single-batch``:
@@ -83,56 +84,79 @@ def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batchin
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     trainer.fit(model, loader)
+    if k > 1 and strategy.replicas.mode != batching:
+        print(f"note: lossy {k} x {batch} {batching} ran as {strategy.replicas.mode}")
     if torch.distributed.is_initialized():  # every configuration starts from the same state
         torch.distributed.destroy_process_group()
     return timer.times[args.warmup :]
 
 
-def raw_step_times(args, k: int, b: int, steps: int) -> tuple[list[float], list[float]]:
-    """Without Lightning or pl_lossy, fp32: one model at batch ``k x b``, and ``k`` stacked replicas trained by
-    ``torch.func.vmap(functional_call)`` (the model-ensembling recipe, BatchNorm buffers stacked), each with
-    SGD over all parameters. What vmap itself costs, to compare with the ``lossy vmap`` row."""
+def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str, list[float]]:
+    """Without Lightning or pl_lossy: one model at batch ``k x b`` (``plain``), and ``k`` stacked replicas
+    trained by ``torch.func.vmap(functional_call)`` (the model-ensembling recipe, BatchNorm buffers
+    stacked; ``vmap``), each with SGD over all parameters; on CUDA also the vmapped forward and backward
+    recorded once in CUDA graphs and replayed (``vmap graph``, :class:`pl_lossy.step_graph.GraphedStep`).
+    What vmap itself costs, to compare with the ``lossy vmap`` rows."""
     import copy
 
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
+
+    from pl_lossy.replicas import _fp32_batchnorm
+    from pl_lossy.step_graph import GraphedStep
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     pl.seed_everything(0, verbose=False)
     model, shape = make_model(args.model)
     net = model.net.to(device)
-    times: dict[str, list[float]] = {"plain": [], "vmap": []}
+    names = ["plain", "vmap"] + (["vmap graph"] if cuda else [])
+    times: dict[str, list[float]] = {name: [] for name in names}
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     params, buffers = stack_module_state([copy.deepcopy(net) for _ in range(k)])
     params = {n: p.detach().requires_grad_() for n, p in params.items()}
-    base = copy.deepcopy(net).to("meta")
+    base = copy.deepcopy(net)
     vopt = torch.optim.SGD(list(params.values()), lr=0.05, momentum=0.9)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False, enabled=precision == "bf16-mixed")
 
     def loss(p, bufs, x, y):
-        return F.cross_entropy(functional_call(base, (p, bufs), (x,)), y)
+        with _fp32_batchnorm(base):
+            return F.cross_entropy(functional_call(base, (p, bufs), (x,)), y)
 
     batched = vmap(loss, in_dims=(0, 0, 0, 0), randomness="different")
+    pn, bn = list(params), list(buffers)
+
+    def flat_step(*flat):
+        return batched(dict(zip(pn, flat[: len(pn)])), dict(zip(bn, flat[len(pn) : len(pn) + len(bn)])), *flat[-2:])
+
+    graphed = None
     for step in range(steps):
         x = torch.randn(k, b, *shape, device=device)
         y = torch.randint(0, 10, (k, b), device=device)
-        for name in ("plain", "vmap"):
+        for name in names:
+            if name == "vmap graph" and graphed is None:
+                with autocast:
+                    graphed = GraphedStep(flat_step, [*params.values(), *buffers.values(), x, y], persistent=list(buffers.values()))
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             if name == "plain":
                 opt.zero_grad()
-                F.cross_entropy(net(x.view(k * b, *shape)), y.view(-1)).backward()
+                with autocast:
+                    out = F.cross_entropy(net(x.view(k * b, *shape)), y.view(-1))
+                out.backward()
                 opt.step()
             else:
                 vopt.zero_grad()
-                batched(params, buffers, x, y).sum().backward()
+                with autocast:
+                    out = batched(params, buffers, x, y) if name == "vmap" else graphed([*params.values(), *buffers.values(), x, y])
+                out.sum().backward()
                 vopt.step()
             if cuda:
                 torch.cuda.synchronize()
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-    return times["plain"], times["vmap"]
+    return times
 
 
 def main() -> None:
@@ -149,7 +173,7 @@ def main() -> None:
     parser.add_argument("--no-loop", action="store_true", help="skip the sequential loop (slow for big k on CPU)")
     parser.add_argument("--only", nargs="+", help="run only these configurations (e.g. 'plain k*b' 'lossy vmap')")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN autotunes its algorithms, for every configuration")
-    parser.add_argument("--raw", action="store_true", help="also time plain and vmap steps without Lightning (fp32)")
+    parser.add_argument("--raw", action="store_true", help="also time plain, vmap (and on CUDA graphed vmap) steps without Lightning")
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -161,6 +185,7 @@ def main() -> None:
         "plain k*b": (k * b, 0, ""),
         "plain b": (b, 0, ""),
         "lossy vmap": (b, k, "vmap"),
+        **({"lossy graph": (b, k, "cuda_graph")} if args.device == "cuda" else {}),
         **({} if args.no_loop else {"lossy loop": (b, k, "loop")}),
         "plain single": (args.single_batch, 0, ""),
         "ddp single": (args.single_batch, 0, "ddp"),
@@ -168,6 +193,14 @@ def main() -> None:
     }
     if args.only:
         configs = {name: c for name, c in configs.items() if name in args.only}
+    if args.raw:
+        for precision in args.precision:
+            raw: dict[str, list[float]] = {}
+            for _ in range(args.repeats):
+                for name, ts in raw_step_times(args, k, b, args.steps, precision).items():
+                    raw.setdefault(name, []).extend(ts)
+            med = {name: statistics.median(ts) for name, ts in raw.items()}
+            print(f"raw {precision} (no Lightning): " + ", ".join(f"{name} {t * 1e3:.2f} ms ({med['plain'] / t:.2f}x)" for name, t in med.items()))
     rows = []
     for precision in args.precision:
         times: dict[str, list[float]] = {name: [] for name in configs}
@@ -175,29 +208,24 @@ def main() -> None:
             for name, (batch, workers, batching) in configs.items():
                 times[name] += step_times(args, precision, batch, args.steps, workers, batching or "vmap")
         rows.append((precision, {name: statistics.median(ts) for name, ts in times.items()}))
-    if args.raw:
-        plain, vmapped = [], []
-        for _ in range(args.repeats):
-            p_, v_ = raw_step_times(args, k, b, args.steps)
-            plain += p_
-            vmapped += v_
-        p_med, v_med = statistics.median(plain), statistics.median(vmapped)
-        print(f"raw fp32 (no Lightning): plain k*b {p_med * 1e3:.2f} ms, vmap {v_med * 1e3:.2f} ms, vmap samples/s vs plain {p_med / v_med:.2f}x")
     if args.only:
         for precision, t in rows:
             print(f"{precision}: " + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in t.items()))
-        if {"plain k*b", "lossy vmap"} <= set(configs):
-            print("vmap samples/s vs plain: " + ", ".join(f"{p} {t['plain k*b'] / t['lossy vmap']:.2f}x" for p, t in rows))
+        for fast in ("lossy vmap", "lossy graph"):
+            if {"plain k*b", fast} <= set(configs):
+                print(f"{fast} samples/s vs plain: " + ", ".join(f"{p} {t['plain k*b'] / t[fast]:.2f}x" for p, t in rows))
         return
     print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{k} workers x batch {b}, median of {args.repeats} x {args.steps - args.warmup} steps, TF32 off, cudnn.benchmark {args.cudnn_benchmark}, torch {torch.__version__}")
-    print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "
+    print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | CUDA-graphed vmap | graphed samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "
           "| plain single | DDP, 1 process | lossy 1 worker | 1 worker / plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for precision, t in rows:
         loop = t.get("lossy loop")
         loop_cols = f"{loop * 1e3:.1f} ms | {loop / (k * t['plain b']):.2f}" if loop else "- | -"
-        print(f"| {precision} | {t['plain k*b'] * 1e3:.1f} ms | {t['lossy vmap'] * 1e3:.1f} ms | {t['plain k*b'] / t['lossy vmap']:.2f}x "
+        graph = t.get("lossy graph")
+        graph_cols = f"{graph * 1e3:.1f} ms | {t['plain k*b'] / graph:.2f}x" if graph else "- | -"
+        print(f"| {precision} | {t['plain k*b'] * 1e3:.1f} ms | {t['lossy vmap'] * 1e3:.1f} ms | {t['plain k*b'] / t['lossy vmap']:.2f}x | {graph_cols} "
               f"| {t['plain b'] * 1e3:.2f} ms | {loop_cols} "
               f"| {t['plain single'] * 1e3:.2f} ms | {t['ddp single'] * 1e3:.2f} ms | {t['lossy 1 worker'] * 1e3:.2f} ms | {t['lossy 1 worker'] / t['plain single']:.2f}x |")
 

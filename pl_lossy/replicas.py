@@ -13,7 +13,8 @@ gradients, buffers and optimizer state, stacked along a leading dimension of siz
 - **A step** calls the module's ``training_step`` (or ``validation_step``, ``test_step``) once per
   worker on its shard of the process's batch, with that worker's parameters and buffers swapped
   in: either as one ``torch.func.vmap`` over the workers (fast: one launch per op for all ``k``) or
-  as a loop (always correct). Values the step logs are caught and logged once, as the mean over
+  as a loop (always correct); on a GPU the vmapped training step can be recorded once in CUDA graphs
+  and replayed (``cuda_graph``, :mod:`pl_lossy.step_graph`). Values the step logs are caught and logged once, as the mean over
   workers. The returned loss has the mean's value and the sum's gradient, so each worker's
   gradient is exactly its own loss's.
 
@@ -30,7 +31,10 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses, for any method
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .step_graph import GraphedStep
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = (
     torch.optim.Adadelta,
 )
 
-BATCHING = ("auto", "vmap", "loop")
+BATCHING = ("auto", "vmap", "loop", "cuda_graph")
 
 
 def check_elementwise(optimizer: torch.optim.Optimizer) -> None:
@@ -107,9 +111,12 @@ class WorkerReplicas:
             self.stacked_buffers = [buffers[n].detach().unsqueeze(0).repeat(k, *([1] * buffers[n].dim())) for n in self.buffer_names]
         else:
             self.buffer_names, self.stacked_buffers = [], []
-        self.batching: Literal["auto", "vmap", "loop"] = "auto"
+        self.batching: Literal["auto", "vmap", "loop", "cuda_graph"] = "auto"
         self._vmap_failed: dict[str, str] = {}  # method -> why vmap could not batch it
         self._tried: set[str] = set()
+        self._graphs: dict[tuple, tuple[GraphedStep, dict[str, dict]]] = {}  # (shapes, autocast) -> capture, log options
+        self._graph_failed: str | None = None
+        self.graph_captures = 0  # training steps recorded in CUDA graphs (one per batch shape and autocast state)
         self.bind(module)
 
     # ------------------------------------------------------------------ storage
@@ -142,6 +149,7 @@ class WorkerReplicas:
         if self.storage.device != device:
             self.storage = self.storage.to(device)
             self.stacked_buffers = [b.to(device) for b in self.stacked_buffers]
+            self._graphs.clear()
         self.bind(module)
 
     # ------------------------------------------------------------------ optimizers and clipping
@@ -191,22 +199,29 @@ class WorkerReplicas:
         """Call ``module.<method>(shard_j, *args, **kwargs)`` for every worker j; see the module docstring."""
         shards = self._split(batch)
         fn = getattr(module, method)
-        use_vmap = self.batching == "vmap" or (self.batching == "auto" and method not in self._vmap_failed)
+        use_vmap = self.batching in ("vmap", "cuda_graph") or (self.batching == "auto" and method not in self._vmap_failed)
+        outputs = None
         with _captured_logs(module) as logs:
-            if use_vmap:
+            if self._graphable(method):
+                try:
+                    outputs = self._graphed(module, fn, shards, args, kwargs, logs)
+                except Exception as exc:  # noqa: BLE001 - a step that cannot be captured runs eagerly, vmapped
+                    self._graph_failed = _reason(exc)
+                    self._graphs.clear()
+                    log.warning("lossy_ps: the training step runs without CUDA graphs (capturing it failed: %s)", self._graph_failed)
+                    logs.clear()
+            if outputs is None and use_vmap:
                 try:
                     outputs = self._vmapped(module, fn, shards, args, kwargs, logs, first_try=method not in self._tried)
                 except Exception as exc:  # noqa: BLE001 - any failure to batch falls back to the always-correct loop
-                    if self.batching == "vmap":
+                    if self.batching != "auto":
                         raise
-                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    self._vmap_failed[method] = reason
-                    log.warning("lossy_ps: %s runs the workers one after another (torch.func.vmap could not batch it: %s)", method, reason)
+                    self._vmap_failed[method] = _reason(exc)
+                    log.warning("lossy_ps: %s runs the workers one after another (torch.func.vmap could not batch it: %s)", method, self._vmap_failed[method])
                     logs.clear()
-                    use_vmap = False
                 finally:
                     self._tried.add(method)
-            if not use_vmap:
+            if outputs is None:
                 outputs = self._looped(module, fn, shards, args, kwargs, logs)
         for name, (values, kw) in logs.items():
             module.log(name, _mean(values), **kw)  # the capture is gone: this is LightningModule.log
@@ -215,9 +230,19 @@ class WorkerReplicas:
     @property
     def mode(self) -> str:
         """How training steps run: ``vmap`` or ``loop``."""
+        if self.batching == "cuda_graph":
+            return "vmap" if self._graph_failed else "cuda_graph"
         if self.batching != "auto":
             return self.batching
         return "loop" if "training_step" in self._vmap_failed else "vmap"
+
+    def _graphable(self, method: str) -> bool:
+        """Training steps replay CUDA graphs (``cuda_graph``), except while a dispatch mode watches every op
+        (the first step's FLOP count: it must see one step's ops, not a capture's)."""
+        return (
+            self.batching == "cuda_graph" and method == "training_step" and self._graph_failed is None
+            and self.storage.is_cuda and _get_current_dispatch_mode() is None and torch.is_grad_enabled()
+        )
 
     def _split(self, batch: Any) -> Any:
         """Each tensor of the batch as ``[k, rows / k, ...]``: worker j's shard is index j."""
@@ -242,7 +267,8 @@ class WorkerReplicas:
                 outputs.append(fn(shard, *args, **kwargs))
         return outputs
 
-    def _vmapped(self, module, fn, shards, args, kwargs, logs, first_try: bool) -> list[Any]:
+    def _vmapped(self, module, fn, shards, args, kwargs, logs, first_try: bool, tensors: Sequence[Tensor] | None = None) -> list[Any]:
+        """One vmap over the workers of the stacked parameters and buffers (or ``tensors``: the same, as a graph's inputs)."""
         names = self.param_names + self.buffer_names
         snapshot = [b.clone() for b in self.stacked_buffers] if first_try and self.batching == "auto" else None
         returned_none = []
@@ -256,7 +282,7 @@ class WorkerReplicas:
                 out = torch.zeros(())
             return out, caught
 
-        stacked = dict(zip(names, [*self.stacked, *self.stacked_buffers]))
+        stacked = dict(zip(names, tensors if tensors is not None else [*self.stacked, *self.stacked_buffers]))
         in_dims = (0, tree_map(lambda x: 0 if isinstance(x, Tensor) else None, shards))
         try:
             out, caught = torch.func.vmap(one_worker, in_dims=in_dims, randomness="different")(stacked, shards)
@@ -271,6 +297,42 @@ class WorkerReplicas:
         if returned_none:
             return [None] * self.k
         return [out]  # tensors stacked [k, ...]: _combine treats one stacked output like k outputs
+
+    def _graphed(self, module, fn, shards, args, kwargs, logs) -> list[Any]:
+        """The vmapped step, replayed from CUDA graphs recorded at the first batch of each shape (and
+        autocast state). ``args`` (the batch index) and non-tensor batch parts are frozen at capture;
+        the training step must be a function of the batch and the parameters (see docs/virtual_workers.md)."""
+        leaves, spec = tree_flatten(shards)
+        batch = [x for x in leaves if isinstance(x, Tensor)]
+        persistent = [*self.stacked, *self.stacked_buffers]
+        inputs = [*persistent, *batch]
+        key = (tuple((tuple(x.shape), x.dtype) for x in batch), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        entry = self._graphs.get(key)
+        if entry is None or not entry[0].matches(inputs):
+            options: dict[str, dict] = {}
+
+            def step(*flat: Tensor) -> Any:
+                parts = iter(flat[len(persistent) :])
+                shard = tree_unflatten([next(parts) if isinstance(x, Tensor) else x for x in leaves], spec)
+                caught: dict[str, tuple[list, dict]] = {}
+                with _captured_logs(module) as caught:
+                    out = self._vmapped(module, fn, shard, args, kwargs, caught, first_try=False, tensors=flat[: len(persistent)])
+                if out[0] is None:
+                    raise TypeError("a training step that returns None cannot be replayed from a CUDA graph")
+                for name, (values, kw) in caught.items():
+                    if not isinstance(values[0], Tensor):
+                        raise TypeError(f"{name!r} is logged as a Python number: a CUDA graph would replay the first one")
+                    options[name] = kw
+                return out[0], {name: values[0] for name, (values, _) in caught.items()}
+
+            entry = self._graphs[key] = (GraphedStep(step, inputs, persistent), options)
+            self.graph_captures += 1
+            log.info("lossy_ps: the training step of %d workers is recorded in CUDA graphs (batch %s)", self.k, key[0])
+        graph, options = entry
+        out, caught = graph(inputs)
+        for name, value in caught.items():
+            logs[name] = ([value], options[name])
+        return [out]
 
     # ------------------------------------------------------------------ per-worker state
 
@@ -318,11 +380,15 @@ def _captured_logs(module: nn.Module) -> Iterator[dict[str, tuple[list, dict]]]:
         values, _ = logs.setdefault(name, ([], kw))
         values.append(value)
 
+    outer = module.__dict__.get("log")  # a capture already in place (a graphed step's inside a step's)
     module.log = capture  # instance attribute shadows the method; log_dict calls self.log too
     try:
         yield logs
     finally:
-        del module.log
+        if outer is None:
+            del module.log
+        else:
+            module.log = outer
 
 
 @contextlib.contextmanager
@@ -347,6 +413,12 @@ def _fp32_batchnorm(module: nn.Module) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _mean(values: list[Any]) -> Any:

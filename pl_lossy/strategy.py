@@ -151,7 +151,9 @@ class LossyPSStrategy(DDPStrategy):
             host of the network. See :mod:`pl_lossy.replicas` and :mod:`pl_lossy.sharding`.
         batching: how ``k > 1`` workers run a step: ``"vmap"`` (one ``torch.func.vmap`` call for all),
             ``"loop"`` (one after another; always correct), ``"auto"`` (vmap, falling back to the loop,
-            logged, if the step cannot be batched).
+            logged, if the step cannot be batched), ``"cuda_graph"`` (on a GPU, the vmapped training
+            step recorded once in CUDA graphs and replayed: for steps that are a function of the batch
+            and the parameters alone; see :mod:`pl_lossy.step_graph`).
         packet_bytes: payload bytes per packet (fp32 elements: ``packet_bytes / 4`` per packet at most).
         num_servers: parameter servers; default one per worker.
         colocated_servers: server j runs on worker j (the paper's setting). If False the servers are
@@ -181,7 +183,7 @@ class LossyPSStrategy(DDPStrategy):
         network: Optional[NetworkModel] = None,
         aggregation: Literal["rps", "gradient", "zero_fill", "hadamard"] = "rps",
         workers_per_device: int = 1,
-        batching: Literal["auto", "vmap", "loop"] = "auto",
+        batching: Literal["auto", "vmap", "loop", "cuda_graph"] = "auto",
         packet_bytes: int = 1400,
         num_servers: Optional[int] = None,
         colocated_servers: bool = True,
@@ -280,6 +282,8 @@ class LossyPSStrategy(DDPStrategy):
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        if self.batching == "cuda_graph" and self.workers_per_device > 1 and self.root_device.type != "cuda":
+            raise ValueError(f"batching='cuda_graph' records CUDA graphs and needs a GPU, but the workers are on {self.root_device.type}: use batching='vmap'")
         if fitting:
             self.configure_ddp()
             self.setup_optimizers(trainer)
@@ -326,6 +330,12 @@ class LossyPSStrategy(DDPStrategy):
             f"{layout.packets_per_block} packets x {layout.packet_bytes} B, aggregation {self.aggregation}; "
             f"network {self.network.describe()}"
         )
+        if self.workers_per_device > 1 and self.root_device.type == "cuda" and self.batching in ("auto", "vmap"):
+            rank_zero_info(
+                "lossy_ps: the workers' steps run as one vmapped call; batching='cuda_graph' records the training step once in CUDA "
+                "graphs and replays it (2.5-3.6x faster for 16 ResNet-20 workers), for a training_step that is a function of the batch "
+                "and the parameters alone (docs/virtual_workers.md)"
+            )
 
     def _check_run_length(self, trainer: "pl.Trainer") -> None:
         """A network that holds a limited number of rounds (a trace) fails now, not after an epoch."""

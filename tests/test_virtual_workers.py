@@ -249,6 +249,13 @@ def test_validate_after_fit_evaluates_every_worker_its_own_replica(tmp_path):
     assert torch.equal(before, after)
 
 
+def test_cuda_graph_batching_on_the_cpu_is_refused_in_one_line():
+    model, dm = digits_model()
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), workers_per_device=2, batching="cuda_graph", start_method="popen")
+    with pytest.raises(ValueError, match="batching='cuda_graph' records CUDA graphs and needs a GPU, but the workers are on cpu"):
+        fit_in_process(strategy, model, dm, max_steps=1)
+
+
 def _one_process_workers(accelerator, batching, k=4):
     """Every worker's parameters after a short in-process fit of ``k`` workers on one device."""
     model, dm = digits_model(momentum=0.9)
@@ -277,6 +284,36 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         params = strategy.replicas.worker_state(model)["params"]
         assert strategy.replicas.mode == "vmap" and torch.isfinite(params).all()
         assert (params[0] - params[1]).abs().max() > 0
+
+    def _resnet_workers_on_gpu(batching, precision="32-true", steps=6, logger=False):
+        model, dm = small_resnet()
+        strategy = LossyPSStrategy(network=BernoulliNetwork(0.2, seed=1), workers_per_device=4, batching=batching, start_method="popen",
+                                   compute_time_s=0.0)
+        fit_in_process(strategy, model, dm, "gpu", precision=precision, max_steps=steps, limit_val_batches=0, logger=logger,
+                       log_every_n_steps=1)
+        state = strategy.replicas.worker_state(model)
+        return strategy, state["params"], state["buffers"]
+
+    @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+    def test_cuda_graph_replays_train_the_replicas_eager_vmap_trains(precision):
+        """Recorded once, replayed every step: the same parameters and BatchNorm statistics as eager vmap (warm-up runs
+        leave no trace), and the mode is reported."""
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        _, params, buffers = _resnet_workers_on_gpu("vmap", precision)
+        strategy, graphed, graphed_buffers = _resnet_workers_on_gpu("cuda_graph", precision)
+        assert strategy.replicas.mode == "cuda_graph" and strategy.replicas.graph_captures == 1
+        assert (params[0] - params[1]).abs().max() > 1e-4
+        tol = 1e-4 if precision == "32-true" else 2e-2
+        torch.testing.assert_close(graphed, params, rtol=0, atol=tol)
+        for name, b in buffers.items():
+            torch.testing.assert_close(graphed_buffers[name].float(), b.float(), rtol=0, atol=tol)
+
+    def test_cuda_graph_logs_every_steps_own_loss(tmp_path):
+        strategy, _, _ = _resnet_workers_on_gpu("cuda_graph", logger=CSVLogger(tmp_path, name="m"))
+        assert strategy.replicas.mode == "cuda_graph"
+        rows = list(csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")))
+        losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+        assert len(losses) == 6 and len(set(losses)) == 6  # replays log their own values, not the capture's
 
     def test_cuda_mask_agreement_is_checked_one_round_later_without_waiting():
         from pl_lossy.strategy import MaskAgreement
