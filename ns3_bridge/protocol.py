@@ -71,7 +71,8 @@ def _int_field(d: dict, name: str, lo: int, hi: int) -> int:
 def parse_shape(d: Any) -> RoundShape:
     if not isinstance(d, dict):
         raise ProtocolError(f"a round must be a JSON object, got {type(d).__name__}")
-    allowed = {"round", "n_workers", "n_servers", "packets_per_block", "packet_bytes", "colocated_servers", "transport"}
+    allowed = {"round", "n_workers", "n_servers", "packets_per_block", "packet_bytes", "colocated_servers", "transport", "deadline_s",
+               "start_offsets_ns"}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise ProtocolError(f"unknown round fields {unknown}")
@@ -81,6 +82,18 @@ def parse_shape(d: Any) -> RoundShape:
     colocated = d.get("colocated_servers", True)
     if not isinstance(colocated, bool):
         raise ProtocolError(f"round field 'colocated_servers' must be true or false, got {colocated!r}")
+    deadline = d.get("deadline_s")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < 3600):
+        raise ProtocolError(f"round field 'deadline_s' must be a number of seconds in (0, 3600) or absent, got {deadline!r}")
+    if deadline is not None and transport != "udp":
+        raise ProtocolError("round field 'deadline_s' applies to transport 'udp' only")
+    offsets = d.get("start_offsets_ns")
+    if offsets is not None:
+        if (not isinstance(offsets, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 3600 * 10**9 for x in offsets)):
+            raise ProtocolError("round field 'start_offsets_ns' must be a list of integers in [0, 3.6e12) (one per worker) or absent")
+        if transport == "none":
+            raise ProtocolError("round field 'start_offsets_ns' needs training traffic (transport 'udp' or 'tcp')")
+        offsets = tuple(offsets)
     shape = RoundShape(
         round=_int_field(d, "round", 0, 2**32 - 1),
         n_workers=_int_field(d, "n_workers", 1, MAX_HOSTS),
@@ -89,7 +102,11 @@ def parse_shape(d: Any) -> RoundShape:
         packet_bytes=_int_field(d, "packet_bytes", 16, 9_000),  # the links' MTU is 9,216 (jumbo frames)
         colocated_servers=colocated,
         transport=transport,
+        deadline_s=None if deadline is None else float(deadline),
+        start_offsets_ns=offsets,
     )
+    if offsets is not None and len(offsets) != shape.n_workers:
+        raise ProtocolError(f"round field 'start_offsets_ns' must have one entry per worker ({shape.n_workers}), got {len(offsets)}")
     if colocated and shape.n_servers > shape.n_workers:
         raise ProtocolError(f"{shape.n_servers} co-located servers need as many workers, got {shape.n_workers}")
     if shape.n_hosts > MAX_HOSTS:
@@ -106,6 +123,8 @@ def shape_to_dict(shape: RoundShape) -> dict[str, Any]:
         "packet_bytes": shape.packet_bytes,
         "colocated_servers": shape.colocated_servers,
         "transport": shape.transport,
+        **({} if shape.deadline_s is None else {"deadline_s": shape.deadline_s}),
+        **({} if shape.start_offsets_ns is None else {"start_offsets_ns": list(shape.start_offsets_ns)}),
     }
 
 

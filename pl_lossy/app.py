@@ -85,10 +85,11 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
     if isinstance(strategy, LossyPSStrategy):
         try:
             strategy.check_world_size(trainer.world_size)
+            spec = strategy.round_spec_for(model, trainer.world_size)  # the rounds' settings: deadline, stragglers
         except ValueError as exc:
             raise ConfigError(f"invalid `strategy` config: {exc}") from exc
         try:
-            strategy.network.check_round(strategy.round_spec_for(model, trainer.world_size))
+            strategy.network.check_round(spec)
         except ValueError as exc:
             raise ConfigError(f"invalid `network` config: {exc}") from exc
     return trainer, model, datamodule, summary

@@ -7,7 +7,7 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import numpy as np
@@ -83,6 +83,21 @@ class SimClock:
     @property
     def delivered_down(self) -> float:
         return self.delivered_down_sum / self.rounds if self.rounds else 1.0
+
+
+def _check_stragglers(compute_jitter: Any, slow_workers: Any, compute: ComputeModel) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``compute_jitter`` and ``slow_workers`` checked (worker indices against the worker count at setup)."""
+    if isinstance(compute_jitter, bool) or not isinstance(compute_jitter, (int, float)) or not compute_jitter >= 0:
+        raise ValueError(f"compute_jitter must be a number >= 0 (the lognormal sigma of each worker's compute time), got {compute_jitter!r}")
+    slow = dict(slow_workers or {})
+    for worker, factor in slow.items():
+        if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+            raise ValueError(f"slow_workers maps worker indices (integers >= 0) to factors, got worker {worker!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"slow_workers[{worker}] must be a factor > 0 on its compute time, got {factor!r}")
+    if (compute_jitter > 0 or slow) and compute.kind == "measured":
+        raise ValueError("stragglers (compute_jitter, slow_workers) need a reproducible compute time: compute_time_s='flops' or seconds")
+    return float(compute_jitter), tuple(sorted((int(w), float(f)) for w, f in slow.items()))
 
 
 def mask_hash(outcome: RoundOutcome) -> float:
@@ -167,6 +182,17 @@ class LossyPSStrategy(DDPStrategy):
             first training step after a round to the round (changes from run to run; on CUDA it reads a
             value back from the device every round).
         device_flops: sustained FLOP/s of one simulated worker's device, for ``compute_time_s="flops"``.
+        deadline_s: bounded rounds: each phase (uplink, downlink) ends at the latest this many simulated
+            seconds after it starts; packets that would arrive later count as lost (the receivers stop
+            waiting; senders still send them). ``None``: a phase lasts until its last packet is resolved.
+            Lossy UDP rounds only (not ``transport=tcp``).
+        compute_jitter: stragglers: each worker's compute time per round is the compute time times
+            ``exp(sigma z - sigma^2 / 2)``, ``z ~ N(0, 1)`` drawn from (network seed, round, worker): a
+            lognormal of mean 1 with this ``sigma``; 0: every worker computes for the same time.
+        slow_workers: stragglers by name: ``{worker: factor}`` multiplies that worker's compute time.
+            With stragglers the uplink starts when the fastest worker is done and each worker's uplink when
+            its own compute ends (the round waits for the slowest, or for ``deadline_s``). They need a
+            reproducible compute time (``compute_time_s`` "flops" or seconds).
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
         record_trace: path of an ``.npz`` to which rank 0 records every round's outcome (replay it with
@@ -190,6 +216,9 @@ class LossyPSStrategy(DDPStrategy):
         sync_buffers: Literal["broadcast", "average", "none"] = "broadcast",
         compute_time_s: Union[float, str, None] = "flops",
         device_flops: float = 1e12,
+        deadline_s: Optional[float] = None,
+        compute_jitter: float = 0.0,
+        slow_workers: Optional[dict[int, float]] = None,
         divergence_every: int = 50,
         record_trace: Optional[str] = None,
         log_metrics: bool = True,
@@ -211,6 +240,8 @@ class LossyPSStrategy(DDPStrategy):
             raise ValueError(f"sync_buffers must be one of {SYNC_BUFFERS}, got {sync_buffers!r}")
         if divergence_every < 0:
             raise ValueError(f"divergence_every must be >= 0, got {divergence_every}")
+        if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0):
+            raise ValueError(f"deadline_s must be a number of seconds > 0 (or None: no deadline), got {deadline_s!r}")
         self.network = network if network is not None else Ns3Network(loss_rate=0.01)
         if record_trace:
             self.network = TraceRecorder(self.network, record_trace)
@@ -221,6 +252,8 @@ class LossyPSStrategy(DDPStrategy):
         self.colocated_servers = colocated_servers
         self.sync_buffers = sync_buffers
         self.compute = ComputeModel(compute_time_s, device_flops)
+        self.deadline_s = None if deadline_s is None else float(deadline_s)
+        self.compute_jitter, self.slow_workers = _check_stragglers(compute_jitter, slow_workers, self.compute)
         self.divergence_every = divergence_every
         self.log_metrics = log_metrics
         self.clock = SimClock()
@@ -260,7 +293,8 @@ class LossyPSStrategy(DDPStrategy):
         n_workers = world_size * self.workers_per_device
         layout = self._layout(module, n_workers)
         return RoundSpec(0, n_workers, layout.n_servers, layout.packets_per_block, layout.packet_bytes, self.network.transport,
-                         self.colocated_servers)
+                         self.colocated_servers, deadline_s=self.deadline_s, compute_jitter=self.compute_jitter,
+                         slow_workers=self.slow_workers)
 
     def check_world_size(self, world_size: int) -> None:
         """Raise ValueError if this strategy cannot run on ``world_size`` processes (checked before launch)."""
@@ -460,7 +494,10 @@ class LossyPSStrategy(DDPStrategy):
 
     def round_spec(self, round_index: int) -> RoundSpec:
         assert self._spec is not None, "the strategy is not set up"
-        return RoundSpec(**{**asdict(self._spec), "round": round_index})
+        spec = RoundSpec(**{**asdict(self._spec), "round": round_index})
+        if spec.has_stragglers:  # they start late by parts of the compute time (reproducible: "flops" or fixed)
+            spec = replace(spec, compute_s=self.compute.round_time_s(lambda: 0.0))
+        return spec
 
     def exchange_round(self) -> RoundRecord:
         assert self._exchange is not None, "the strategy is not set up"
@@ -479,6 +516,8 @@ class LossyPSStrategy(DDPStrategy):
         self._mask_check.submit(spec.round, side[1], masks)
         # measured compute is the slowest process's: reading it waits for the device, a modelled one does not
         compute_s = self.compute.round_time_s(lambda: float(side[0].max()))
+        if spec.has_stragglers:  # the uplink starts when the fastest worker is done; the network waits for the rest
+            compute_s *= float(spec.compute_factors(self.network.seed).min())
         self._sync_buffers()
         delivered = outcome.delivered_fractions(spec)
         self.clock.advance(compute_s, outcome, delivered)

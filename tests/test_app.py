@@ -88,6 +88,9 @@ def test_sixteen_virtual_workers_in_one_process_over_ns3(tmp_path):
         ("model.net.hidden=[64,wide]", "invalid config: `model.net.hidden` must be a list of integers, got [64, 'wide']"),
         ("strategy.aggregation=average", "invalid config: `strategy.aggregation` must be one of 'rps', 'gradient', 'zero_fill', 'hadamard', got 'average'"),
         ("strategy.compute_time_s=soon", "invalid `strategy` config: compute_time_s must be one of ('flops', 'measured') or a number"),
+        ("strategy.deadline_s=-1", "invalid `strategy` config: deadline_s must be a number of seconds > 0"),
+        ("network.transport=tcp strategy.deadline_s=0.001", "invalid `strategy` config: a round deadline applies to lossy UDP rounds; transport='tcp' delivers every block"),
+        ("strategy.compute_time_s=0.001 strategy.slow_workers={5:3.0}", "invalid `strategy` config: slow worker 5 with factor 3.0: workers are 0..1"),
     ],
 )
 def test_bad_override_fails_in_one_line_before_any_process_starts(tmp_path, override, message):
@@ -243,6 +246,24 @@ def test_paper_grid_driver_refuses_bad_grid_values_before_launch(tmp_path):
                            "model.lr=fast"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1 and "`model.lr` must be a number" in proc.stderr and "no job was started" in proc.stderr
     assert not list((tmp_path / "g").glob("runs/*/summary.json"))
+
+
+def test_paper_network_driver_sweeps_learning_drops_and_reports_the_web_service(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "paper_network.py"), "--p", "0", "1", "--steps", "20",
+           "--out", str(tmp_path / "net"), "--", "trainer.val_check_interval=10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "net" / "compare.csv") as f:
+        rows = {float(r["network.source_drop_rate"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {0.0, 1.0}
+    assert float(rows[0.0]["delivered_up"]) > 0.9 and float(rows[1.0]["delivered_up"]) == 0.0  # every learning packet dropped
+    assert float(rows[1.0]["bg_fct_mean_s"]) < float(rows[0.0]["bg_fct_mean_s"])  # the web service is faster without it
+    table = [line for line in proc.stdout.splitlines() if line.startswith(("| 0 |", "| 1 |")) and " ms, " in line]
+    assert len(table) == 2 and "1.00x" in table[0] and "2.65x" in table[1]  # speed-ups over p = 0, the paper's beside
+    assert (tmp_path / "net" / "network.png").stat().st_size > 20_000
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "paper_network.py"), "--p", "0.5", "--out", str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "--p must include 0" in proc.stderr and not (tmp_path / "bad" / "runs").exists()
 
 
 def test_aggregation_compare_runs_every_rule_on_both_loss_models_over_ns3(tmp_path):

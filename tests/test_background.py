@@ -81,3 +81,27 @@ def test_the_default_window_is_the_ideal_exchange_time():
 def test_bad_settings_name_what_is_wrong(setting, value, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         NetworkConfig(**{setting: value})
+
+
+def test_fixed_size_messages_at_a_rate_in_messages_per_second():
+    cfg = NetworkConfig(background_flows_per_s=5000, background_flow_bytes=100_000, background_window="0.5s")
+    flows = background_flows(cfg, SHAPE, 16)
+    assert abs(len(flows) - 2500) < 5 * np.sqrt(2500)  # 5,000 a second over half a second
+    assert set(flows.size_bytes) == {100_000} and mean_flow_bytes(cfg) == 100_000
+    assert np.all(flows.src != flows.dst)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(background_flows_per_s=-1), "background_flows_per_s must be a number >= 0"),
+        (dict(background_flows_per_s="many"), "background_flows_per_s must be a number >= 0"),
+        (dict(background_flows_per_s=10, background_load=0.2), "not both"),
+        (dict(background_flow_bytes=0), "background_flow_bytes must be an integer >= 1"),
+        (dict(background_flow_bytes=1.5), "background_flow_bytes must be an integer >= 1"),
+        (dict(source_drop_rate=1.5), "source_drop_rate must be a probability in \\[0, 1\\]"),
+    ],
+)
+def test_message_and_source_drop_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        NetworkConfig(**settings)

@@ -171,3 +171,32 @@ def test_ns3_refuses_a_round_over_its_packet_budget_naming_the_setting():
     Ns3Network().check_round(RoundSpec(0, 4, 4, 100))
     with pytest.raises(ValueError, match="max_round_packets must be a positive integer or None"):
         Ns3Network(max_round_packets="abc")
+
+
+def test_analytic_packet_arrivals_end_at_the_phase_time_and_a_deadline_cuts_each_flows_tail():
+    net = BernoulliNetwork(0.0, link_rate_bps=1e9, latency_s=10e-6)
+    for s in (spec(W=8, S=8, P=20, packet_bytes=1400), spec(W=8, S=2, P=20, packet_bytes=1400, colocated_servers=False)):
+        up_at, down_at = net.timing.packet_arrivals(s)
+        remote = ~s.local_pairs()
+        assert (up_at[~remote] == 0).all() and (up_at[remote] > 0).all()
+        up_t, down_t = net.timing.phase_times(s)
+        assert up_at[remote].max() == pytest.approx(up_t) and down_at[remote.T].max() == pytest.approx(down_t)
+        free = net.outcome(s)
+        deadline = 0.6 * up_t
+        cut = net.outcome(RoundSpec(**{**s.__dict__, "deadline_s": deadline}))
+        assert free.up.all() and cut.up_time_s == deadline and cut.down_time_s == min(down_t, deadline)
+        assert np.array_equal(cut.up, free.up & (up_at <= deadline)) and np.array_equal(cut.down, free.down & (down_at <= deadline))
+        assert cut.stats["packets_late"] == (~cut.up).sum() + (~cut.down).sum() > 0
+        assert not (np.diff(cut.up[remote].astype(int), axis=-1) > 0).any()  # each flow loses its tail
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(deadline_s=0.0), "deadline_s must be > 0"),
+        (dict(deadline_s=1e-3, transport="tcp"), "a round deadline applies to lossy UDP rounds"),
+    ],
+)
+def test_bad_deadlines_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        spec(**kw)

@@ -603,3 +603,50 @@ def test_gradient_rules_over_bursty_ns3_loss_train_the_same_workers_in_any_layou
     assert 0.5 < delivered.mean() < 1.0  # bursts dropped packets
     assert (runs["2x1"][0] - runs["2x1"][1]).abs().max() > 1e-4  # and the workers' gradients differed
     torch.testing.assert_close(runs["1x2"], runs["2x1"], rtol=0, atol=1e-6)
+
+
+def test_a_deadline_below_the_rounds_natural_time_drops_the_late_packets_and_caps_the_phases(bridge, tmp_path):
+    config = NetworkConfig(link_rate="1Gbps", link_delay="10us", seed=2)
+    natural, bounded = [RoundShape(1, 8, 8, 20, 1400, deadline_s=d) for d in (None, 0.8e-3)]
+    (free,) = simulate(bridge, config, [natural])
+    (cut,) = simulate(bridge, config, [bounded])
+    assert free.up.all() and free.down.all() and free.up_time_s > 1.5e-3 and free.stats["packets_late"] == 0
+    assert cut.up_time_s == pytest.approx(0.8e-3) and cut.down_time_s == pytest.approx(0.8e-3)
+    lost_up = remote(bounded, ~cut.up).sum()
+    assert 0 < lost_up < remote(bounded, cut.up).size
+    # nothing else drops here: every packet the deadline cut arrived later (the senders still sent it)
+    assert cut.stats["packets_sent"] == free.stats["packets_sent"] and cut.stats["drops_queue"] == 0
+    assert cut.stats["packets_late"] == lost_up + remote(bounded, ~cut.down.transpose(1, 0, 2)).sum()
+    # a sender paces its flows round-robin: what is late is each flow's tail, never a packet before an arrived one
+    for flow in remote(bounded, cut.up):
+        assert not (np.diff(flow.astype(int)) > 0).any()
+    (loose,) = simulate(bridge, config, [RoundShape(1, 8, 8, 20, 1400, deadline_s=1.0)])  # never reached
+    assert loose.up.all() and loose.up_time_s == free.up_time_s
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, [RoundShape(r, 8, 8, 20, 1400, deadline_s=0.8e-3)
+                                                                                   for r in range(3)])
+    for a, b in zip(forward, backward):
+        assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down) and a.stats == b.stats
+
+
+def test_the_wire_carries_a_deadline_only_when_there_is_one_and_checks_it():
+    plain = RoundShape(0, 4, 4, 10, 1400)
+    assert "deadline_s" not in protocol.shape_to_dict(plain)  # rounds without one are keyed as before
+    bounded = RoundShape(0, 4, 4, 10, 1400, deadline_s=0.002)
+    assert protocol.parse_shape(protocol.shape_to_dict(bounded)) == bounded
+    for bad, message in ((-1, "must be a number of seconds"), ("soon", "must be a number of seconds"), (True, "must be a number")):
+        with pytest.raises(protocol.ProtocolError, match=message):
+            protocol.parse_shape({**protocol.shape_to_dict(plain), "deadline_s": bad})
+    with pytest.raises(protocol.ProtocolError, match="applies to transport 'udp' only"):
+        protocol.parse_shape({**protocol.shape_to_dict(plain), "transport": "tcp", "deadline_s": 0.001})
+
+
+def test_a_stragglers_uplink_starts_late_and_with_a_deadline_only_it_loses_packets(bridge):
+    config = NetworkConfig(link_rate="1Gbps", link_delay="10us", queue_packets=1000, seed=2)
+    late = (0, 0, 0, 2_000_000, 0, 0, 0, 0)  # worker 3 computes 2 ms longer than the others
+    free, straggling, bounded = simulate(bridge, config, [
+        RoundShape(1, 8, 8, 20, 1400), RoundShape(1, 8, 8, 20, 1400, start_offsets_ns=late),
+        RoundShape(1, 8, 8, 20, 1400, start_offsets_ns=late, deadline_s=2.5e-3)])
+    assert straggling.up.all() and straggling.up_time_s > free.up_time_s + 1.5e-3  # the round waited for it
+    others = [w for w in range(8) if w != 3]
+    assert bounded.up[others].all() and bounded.up_time_s == pytest.approx(2.5e-3)
+    assert 0 < bounded.up[3, others].sum() < bounded.up[3, others].size  # the straggler's tail missed the deadline

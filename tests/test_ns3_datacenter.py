@@ -56,3 +56,24 @@ def test_same_seed_same_drops_and_background_completion_times(bridge, tmp_path):
     assert sum(o.stats["drops_queue"] for o in forward) > 0
     (reseeded,) = simulate(bridge, NetworkConfig(**{**config.to_dict(), "seed": 2}), shapes[:1])
     assert reseeded.stats["background_fct_mean_s"] != forward[0].stats["background_fct_mean_s"]
+
+
+# the paper's network experiment in small: 8 hosts on a 1 Gb/s star, 100 KB messages at 10,000 a second
+WEB_SERVICE = dict(link_rate="1Gbps", background_flows_per_s=10000.0, background_flow_bytes=100_000, background_window="2ms", seed=3)
+
+
+def test_the_web_service_finishes_sooner_as_senders_drop_more_learning_packets(bridge):
+    shapes = [RoundShape(r, 8, 8, 20, 1400) for r in range(1, 4)]
+    by_p = {p: simulate(bridge, NetworkConfig(**WEB_SERVICE, source_drop_rate=p), shapes) for p in (0.0, 0.5, 1.0)}
+    flows = [o.stats["background_flows"] for o in by_p[0.0]]
+    assert min(flows) >= 10
+    for p, outcomes in by_p.items():  # the same messages, all of exactly 100 KB, completed, whatever p is
+        assert [o.stats["background_flows"] for o in outcomes] == flows
+        assert all(o.stats["background_unfinished"] == 0 for o in outcomes)
+        sent = sum(o.stats["packets_sent"] for o in outcomes)
+        dropped = sum(o.stats["drops_source"] for o in outcomes)
+        assert abs(dropped / (sent + dropped) - p) < 0.06  # the senders drop about p of the learning packets
+    remote = ~np.eye(8, dtype=bool)
+    assert all(not o.up[remote].any() and not o.down[remote].any() for o in by_p[1.0])  # only own blocks arrive
+    fct = {p: mean_fct(outcomes) for p, outcomes in by_p.items()}
+    assert fct[1.0] < fct[0.5] < fct[0.0]

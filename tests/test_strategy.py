@@ -103,6 +103,51 @@ def test_delivered_fractions_match_the_configured_rates(tmp_path):
     assert len(divergence) == 4 and all(0 < d < 1 for d in divergence)
 
 
+def test_a_deadline_bounds_every_rounds_simulated_time_and_loses_the_late_packets(tmp_path):
+    model, dm = digits_model(hidden=(256,))
+    network = BernoulliNetwork(0.0, link_rate_bps=1e9, latency_s=10e-6)
+    logger = CSVLogger(tmp_path, name="m")
+    fit(lossy(network, deadline_s=100e-6, compute_time_s=0.0), model, dm, max_epochs=1, logger=logger, log_every_n_steps=1)
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")) if r.get("net/sim_time_s")]
+    sim = [float(r["net/sim_time_s"]) for r in rows]
+    assert np.diff([0.0, *sim]) == pytest.approx(2 * 100e-6)  # two phases, each cut at the deadline
+    late = [float(r["net/packets_late"]) for r in rows]
+    delivered = [float(r["net/delivered_up"]) for r in rows]
+    assert all(x > 0 for x in late) and 0.1 < np.mean(delivered) < 0.9  # no drops but the deadline's
+
+
+def test_a_named_straggler_loses_its_uplink_to_the_deadline_and_the_clock_counts_the_fastest_compute(tmp_path):
+    model, dm = digits_model(hidden=(256,))
+    network = BernoulliNetwork(0.0, link_rate_bps=1e9, latency_s=10e-6, seed=1)
+    logger = CSVLogger(tmp_path, name="m")
+    strategy = lossy(network, compute_time_s=1e-3, slow_workers={1: 3.0}, deadline_s=1e-3)
+    fit(strategy, model, dm, devices=2, max_epochs=1, logger=logger, log_every_n_steps=1)
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")) if r.get("net/sim_time_s")]
+    # worker 1 computes 3 ms, 2 ms after worker 0: its whole uplink misses the 1 ms deadline, worker 0's arrives
+    assert all(float(r["net/delivered_up"]) == pytest.approx(0.5) for r in rows)
+    assert all(float(r["net/delivered_down"]) == 1.0 for r in rows)
+    down = network.timing.phase_times(strategy.round_spec_for(model, 2))[1]
+    assert np.diff([0.0, *(float(r["net/sim_time_s"]) for r in rows)]) == pytest.approx(1e-3 + 1e-3 + down)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(compute_jitter=0.3, compute_time_s="measured"), "stragglers \\(compute_jitter, slow_workers\\) need a reproducible compute time"),
+        (dict(compute_jitter=-1), "compute_jitter must be a number >= 0"),
+        (dict(slow_workers={0: 0}), "slow_workers\\[0\\] must be a factor > 0"),
+        (dict(slow_workers={"a": 2}), "slow_workers maps worker indices"),
+    ],
+)
+def test_bad_straggler_settings_say_what_is_wrong(kw, message):
+    with pytest.raises(ValueError, match=message):
+        LossyPSStrategy(network=BernoulliNetwork(0.1), **kw)
+
+
 def test_resume_continues_the_same_drop_sequence(tmp_path):
     net = lambda: BernoulliNetwork(0.25, seed=4)  # noqa: E731
     model, dm = digits_model()

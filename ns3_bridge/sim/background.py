@@ -42,13 +42,18 @@ class BackgroundFlows:
 
 
 def mean_flow_bytes(cfg: NetworkConfig) -> float:
-    """Mean of the (scaled) flow-size distribution: sum over its linear pieces of P(piece) x midpoint."""
+    """Mean of the (scaled) flow-size distribution: sum over its linear pieces of P(piece) x midpoint
+    (``background_flow_bytes`` when sizes are fixed)."""
+    if cfg.background_flow_bytes is not None:
+        return float(cfg.background_flow_bytes)
     sizes, cdf = np.array(FLOW_SIZE_CDFS[cfg.background_flow_sizes], dtype=np.float64).T
     return float(np.sum(np.diff(cdf) * (sizes[1:] + sizes[:-1]) / 2) * cfg.background_size_scale)
 
 
 def flow_sizes(cfg: NetworkConfig, uniforms: np.ndarray) -> np.ndarray:
-    """Inverse-CDF sizes (bytes, at least 1) for uniforms in [0, 1)."""
+    """Inverse-CDF sizes (bytes, at least 1) for uniforms in [0, 1); all ``background_flow_bytes`` when set."""
+    if cfg.background_flow_bytes is not None:
+        return np.full(len(uniforms), cfg.background_flow_bytes, dtype=np.int64)
     sizes, cdf = np.array(FLOW_SIZE_CDFS[cfg.background_flow_sizes], dtype=np.float64).T
     return np.maximum(1, np.round(np.interp(uniforms, cdf, sizes) * cfg.background_size_scale)).astype(np.int64)
 
@@ -70,17 +75,21 @@ def background_window_s(cfg: NetworkConfig, shape: RoundShape) -> float:
 
 
 def background_flows(cfg: NetworkConfig, shape: RoundShape, n_hosts: int) -> BackgroundFlows:
-    """The round's background flows: Poisson arrivals at ``background_load`` of the hosts' capacity.
+    """The round's background flows: Poisson arrivals at ``background_load`` of the hosts' capacity,
+    or at ``background_flows_per_s`` over the fabric.
 
     Arrival rate = load x n_hosts x link_rate / (8 x mean flow size): on average the flows offer
     ``background_load`` of every host link's capacity.
     """
     empty = np.empty(0, dtype=np.int64)
     window = background_window_s(cfg, shape)
-    if cfg.background_load == 0 or n_hosts < 2 or window <= 0:
+    if not cfg.has_background or n_hosts < 2 or window <= 0:
         return BackgroundFlows(empty, empty.astype(np.int32), empty.astype(np.int32), empty)
     rng = np.random.default_rng([cfg.seed, shape.round, 0x6267])  # "bg": a stream of its own
-    rate = cfg.background_load * n_hosts * cfg.link_rate / (8 * mean_flow_bytes(cfg))
+    if cfg.background_flows_per_s:
+        rate = cfg.background_flows_per_s
+    else:
+        rate = cfg.background_load * n_hosts * cfg.link_rate / (8 * mean_flow_bytes(cfg))
     expected = rate * window
     starts = np.cumsum(rng.exponential(1 / rate, size=int(expected + 10 * np.sqrt(expected) + 10)))
     while starts[-1] < window:  # (almost never) more arrivals than drawn

@@ -89,6 +89,8 @@ class NetworkConfig:
     ``n_spines``, ``fabric_*``, ``placement``). ``background_*`` adds other tenants' TCP flows
     (see ``background.py``); ``learning_class`` gives training packets (DSCP CS1) the lowest
     priority and a buffer of ``learning_queue_packets`` at every port (see ``learning_class.hpp``).
+    ``source_drop_rate`` drops that fraction of learning packets at their senders, before they use
+    any link: the paper's "learning traffic allowed to drop" (see ``round_engine.hpp``).
 
     Rates are given as ``"10Gbps"`` or bits/s and stored in bits/s; times as ``"10us"`` or seconds
     and stored in seconds.
@@ -118,12 +120,15 @@ class NetworkConfig:
     tcp_min_rto: float = 1e-3  # datacenter-tuned; ns-3's default (1 s) would dominate every loss
     tcp_conn_timeout: float = 3e-3  # SYN retransmission timeout (ns-3's default: 3 s)
     background_load: float = 0.0  # other tenants' flows, as a fraction of every host link (0: none)
+    background_flows_per_s: Any = None  # or: flows (messages) a second over the whole fabric (instead of a load)
     background_flow_sizes: str = "web_search"  # flow-size distribution of the background flows
-    background_size_scale: float = 1.0  # multiplies every background flow size
+    background_flow_bytes: Any = None  # or: every flow (message) exactly this many bytes
+    background_size_scale: float = 1.0  # multiplies every background flow size drawn from the distribution
     background_hosts: int = 0  # tenant-only hosts added to the fabric (placed after the training hosts)
     background_window: Any = None  # arrivals per round span this long (None: the ideal exchange time)
     learning_class: bool = False  # learning packets: lowest priority and a buffer of their own at every port
     learning_queue_packets: Any = None  # learning_class: the learning band's buffer per port (None: the port's)
+    source_drop_rate: float = 0.0  # learning packets a sender drops before they enter the fabric (see round_engine.hpp)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -197,6 +202,18 @@ class NetworkConfig:
         if not 0.0 <= load < 1.0:
             raise ValueError(f"background_load must be in [0, 1) (a fraction of each host link), got {load}")
         object.__setattr__(self, "background_load", load)
+        if self.background_flows_per_s is not None:
+            rate = self.background_flows_per_s
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
+                raise ValueError(f"background_flows_per_s must be a number >= 0 (or null: use background_load), got {rate!r}")
+            if load > 0 and rate > 0:
+                raise ValueError("set background_load (a fraction of the links) or background_flows_per_s (flows a second), not both")
+            object.__setattr__(self, "background_flows_per_s", float(rate))
+        if self.background_flow_bytes is not None:
+            size = self.background_flow_bytes
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or int(size) != size or size < 1:
+                raise ValueError(f"background_flow_bytes must be an integer >= 1 (or null: draw sizes from background_flow_sizes), got {size!r}")
+            object.__setattr__(self, "background_flow_bytes", int(size))
         if self.background_flow_sizes not in FLOW_SIZE_DISTRIBUTIONS:
             raise ValueError(f"background_flow_sizes must be one of {FLOW_SIZE_DISTRIBUTIONS}, got {self.background_flow_sizes!r}")
         try:
@@ -222,6 +239,12 @@ class NetworkConfig:
             if isinstance(lq, bool) or int(lq) != lq or lq < 1:
                 raise ValueError(f"learning_queue_packets must be an integer >= 1 (or null: the port's buffer), got {lq!r}")
             object.__setattr__(self, "learning_queue_packets", int(lq))
+        object.__setattr__(self, "source_drop_rate", _probability("source_drop_rate", self.source_drop_rate))
+
+    @property
+    def has_background(self) -> bool:
+        """Whether other tenants' flows share the fabric."""
+        return self.background_load > 0 or bool(self.background_flows_per_s)
 
     @property
     def oversubscription(self) -> float:

@@ -31,6 +31,8 @@ class RoundShape:
     packet_bytes: int
     colocated_servers: bool = True
     transport: str = "udp"  # one of TRANSPORTS
+    deadline_s: float | None = None  # udp: each phase ends at the latest this long after it starts
+    start_offsets_ns: tuple[int, ...] | None = None  # when each worker's uplink starts (stragglers), from the phase's start
 
     @property
     def n_hosts(self) -> int:

@@ -7,6 +7,16 @@
 // error model or at a congested queue. Arrival times land in caller-owned int64 arrays (nanoseconds
 // since the phase started, -1 = lost) that Python reads as numpy views.
 //
+// Source drops (the paper's network experiment: learning traffic "allowed to drop" a fraction p):
+// with probability sourceDropRate a learning packet is dropped by its sender before it enters the
+// fabric, so it frees every link it would have crossed. The sender keeps its pacing slot idle, so
+// the learning traffic offers (1 - p) of its line rate over the same phase and the slot's capacity
+// goes to other traffic. Which packets are dropped is a hash of (seed, round, phase, flow, sequence):
+// the same whatever else the simulation does.
+//
+// Stragglers: each host's uplink may start later than the phase (startNs: the worker's compute ends
+// after the fastest worker's); a deadline still counts from the phase's start.
+//
 // Start() only schedules: the caller runs the simulator, so other traffic (background flows) shares
 // the same run. A phase ends when every packet it sent is resolved, arrived or dropped (see
 // two_phase_round.hpp). To tell training packets from other traffic in the drop traces, each
@@ -35,8 +45,9 @@ class RoundEngine : public TwoPhaseRound
     static constexpr uint32_t kHeaderBytes = 30;
     // Our header at the front of every payload: round, phase, flow, sequence number.
     static constexpr uint32_t kTagBytes = 16;
-    // Marks learning packets (a FlowIdTag as byte tag: it survives every hop and header change).
-    static constexpr uint32_t kLearningMark = 0x504c4c53;
+    // Marks learning packets (a FlowIdTag as byte tag: it survives every hop and header change);
+    // the mark of phase f is kLearningMark + f, so a late packet of an expired phase is told apart.
+    static constexpr uint32_t kLearningMark = 0x504c4c50;
 
     // `tos`: the IPv4 TOS of every learning packet (0: none; the learning class matches on it).
     RoundEngine(uint16_t port, uint8_t tos)
@@ -104,9 +115,18 @@ class RoundEngine : public TwoPhaseRound
                uint32_t payloadBytes,
                double linkRateBps,
                int64_t* upArrivals,
-               int64_t* downArrivals)
+               int64_t* downArrivals,
+               double sourceDropRate,
+               uint32_t seed,
+               int64_t deadlineNs,
+               const int64_t* startNs)
     {
+        SetDeadline(ns3::NanoSeconds(deadlineNs));
+        m_startNs.assign(startNs, startNs + m_sockets.size());
         m_round = round;
+        // P(drop) = threshold / 2^64, compared against a 64-bit hash
+        m_dropThreshold = sourceDropRate >= 1.0 ? UINT64_MAX : static_cast<uint64_t>(sourceDropRate * 18446744073709551616.0);
+        m_seed = seed;
         m_nPackets = nPackets;
         m_payload.assign(std::max(payloadBytes, kTagBytes), 0);
         m_gap = ns3::Seconds((payloadBytes + kHeaderBytes) * 8.0 / linkRateBps);
@@ -117,12 +137,14 @@ class RoundEngine : public TwoPhaseRound
 
     uint64_t sent = 0;
     uint64_t received = 0;
+    uint64_t sourceDrops = 0; // learning packets their senders dropped
+    uint64_t late = 0;        // learning packets that arrived after their phase's deadline
     uint64_t linkDrops = 0;  // all traffic's
     uint64_t queueDrops = 0; // all traffic's
 
     void ResetCounters()
     {
-        sent = received = linkDrops = queueDrops = 0;
+        sent = received = linkDrops = queueDrops = sourceDrops = late = 0;
     }
 
   private:
@@ -138,12 +160,13 @@ class RoundEngine : public TwoPhaseRound
         m_arrivals = m_arrivalsOf[phase - 1];
         m_toResolve = static_cast<uint64_t>(nFlows) * m_nPackets;
         std::fill(m_arrivals, m_arrivals + m_toResolve, -1);
-        m_flowsOf.assign(m_sockets.size(), {});
+        auto& flowsOf = m_flowsOf[phase - 1];
+        flowsOf.assign(m_sockets.size(), {});
         for (uint32_t f = 0; f < nFlows; ++f)
         {
-            m_flowsOf[flows.src[f]].push_back({f, static_cast<uint32_t>(flows.dst[f])});
+            flowsOf[flows.src[f]].push_back({f, static_cast<uint32_t>(flows.dst[f])});
         }
-        m_next.assign(m_sockets.size(), 0);
+        m_next[phase - 1].assign(m_sockets.size(), 0);
         if (m_toResolve == 0)
         {
             EndPhase();
@@ -151,9 +174,11 @@ class RoundEngine : public TwoPhaseRound
         }
         for (uint32_t h = 0; h < m_sockets.size(); ++h)
         {
-            if (!m_flowsOf[h].empty())
+            if (!flowsOf[h].empty())
             {
-                ns3::Simulator::ScheduleNow(&RoundEngine::SendNext, this, h);
+                // a straggler's uplink starts when its compute ends, after the phase (the fastest's) started
+                ns3::Time start = phase == 1 ? ns3::NanoSeconds(m_startNs[h]) : ns3::Seconds(0);
+                ns3::Simulator::Schedule(start, &RoundEngine::SendNext, this, phase, h);
             }
         }
     }
@@ -167,27 +192,55 @@ class RoundEngine : public TwoPhaseRound
         }
     }
 
-    // Packet k of a sender goes to flow k % nFlows, sequence number k / nFlows: round-robin.
-    void SendNext(uint32_t host)
+    // Packet k of a sender goes to flow k % nFlows, sequence number k / nFlows: round-robin. A sender
+    // keeps sending its phase's packets after the phase expired (its deadline), as a real one would.
+    void SendNext(uint32_t phase, uint32_t host)
     {
-        const auto& flows = m_flowsOf[host];
-        uint64_t k = m_next[host]++;
+        const auto& flows = m_flowsOf[phase - 1][host];
+        uint64_t k = m_next[phase - 1][host]++;
         const Flow& flow = flows[k % flows.size()];
         uint32_t seq = static_cast<uint32_t>(k / flows.size());
-        uint32_t tag[4] = {m_round, m_phase, flow.id, seq};
+        bool more = m_next[phase - 1][host] < static_cast<uint64_t>(flows.size()) * m_nPackets;
+        if (m_dropThreshold != 0 && DroppedAtSource(phase, flow.id, seq))
+        {
+            ++sourceDrops;
+            if (more)
+            {
+                ns3::Simulator::Schedule(m_gap, &RoundEngine::SendNext, this, phase, host); // the slot stays idle
+            }
+            if (phase == m_phase)
+            {
+                Resolve(); // last: it may end the phase
+            }
+            return;
+        }
+        uint32_t tag[4] = {m_round, phase, flow.id, seq};
         std::memcpy(m_payload.data(), tag, kTagBytes);
         ns3::Ptr<ns3::Packet> packet =
             ns3::Create<ns3::Packet>(m_payload.data(), static_cast<uint32_t>(m_payload.size()));
-        packet->AddByteTag(ns3::FlowIdTag(kLearningMark));
+        packet->AddByteTag(ns3::FlowIdTag(kLearningMark + phase));
         ++sent;
-        if (m_next[host] < static_cast<uint64_t>(flows.size()) * m_nPackets)
+        if (more)
         {
-            ns3::Simulator::Schedule(m_gap, &RoundEngine::SendNext, this, host);
+            ns3::Simulator::Schedule(m_gap, &RoundEngine::SendNext, this, phase, host);
         }
         // last: a drop at the sender's own queue resolves the packet (and may end the phase) in here
         m_sockets[host]->SendTo(packet,
                                 0,
                                 ns3::InetSocketAddress(m_addresses[flow.dst], m_port));
+    }
+
+    // SplitMix64's finalizer over the packet's identity: a uniform 64-bit draw per packet.
+    bool DroppedAtSource(uint32_t phase, uint32_t flow, uint32_t seq) const
+    {
+        uint64_t x = (static_cast<uint64_t>(m_seed) << 32 | m_round) * 0x9E3779B97F4A7C15ULL;
+        x ^= (static_cast<uint64_t>(phase) << 62) ^ (static_cast<uint64_t>(flow) << 32) ^ seq;
+        x ^= x >> 30;
+        x *= 0xBF58476D1CE4E5B9ULL;
+        x ^= x >> 27;
+        x *= 0x94D049BB133111EBULL;
+        x ^= x >> 31;
+        return m_dropThreshold == UINT64_MAX || x < m_dropThreshold;
     }
 
     void HandleRead(ns3::Ptr<ns3::Socket> socket)
@@ -203,7 +256,8 @@ class RoundEngine : public TwoPhaseRound
             packet->CopyData(reinterpret_cast<uint8_t*>(tag), kTagBytes);
             if (tag[0] != m_round || tag[1] != m_phase || tag[3] >= m_nPackets)
             {
-                continue; // cannot happen (a phase ends when all its packets are resolved), but be safe
+                late += tag[0] == m_round && tag[3] < m_nPackets; // after its phase's deadline
+                continue;
             }
             m_arrivals[static_cast<size_t>(tag[2]) * m_nPackets + tag[3]] =
                 (ns3::Simulator::Now() - m_start).GetNanoSeconds();
@@ -215,7 +269,7 @@ class RoundEngine : public TwoPhaseRound
     void CountDrop(ns3::Ptr<const ns3::Packet> packet)
     {
         ns3::FlowIdTag mark;
-        if (m_phase != 0 && packet->FindFirstMatchingByteTag(mark) && mark.GetFlowId() == kLearningMark)
+        if (m_phase != 0 && packet->FindFirstMatchingByteTag(mark) && mark.GetFlowId() == kLearningMark + m_phase)
         {
             Resolve();
         }
@@ -244,10 +298,13 @@ class RoundEngine : public TwoPhaseRound
     std::vector<ns3::Ptr<ns3::Socket>> m_sockets;
     std::vector<ns3::Ipv4Address> m_addresses;
     int64_t* m_arrivalsOf[2] = {nullptr, nullptr};
-    std::vector<std::vector<Flow>> m_flowsOf;
-    std::vector<uint64_t> m_next;
+    std::vector<std::vector<Flow>> m_flowsOf[2]; // per phase: each sender's flows
+    std::vector<uint64_t> m_next[2];              // per phase: each sender's next packet
     std::vector<uint8_t> m_payload;
+    std::vector<int64_t> m_startNs; // per host: when its uplink starts, from the phase's start
     uint32_t m_round = 0;
+    uint32_t m_seed = 0;
+    uint64_t m_dropThreshold = 0;
     uint32_t m_nPackets = 0;
     uint64_t m_toResolve = 0;
     int64_t* m_arrivals = nullptr;

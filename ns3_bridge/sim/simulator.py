@@ -140,7 +140,7 @@ class RoundSimulator:
         self.ns.Simulator.Run()
         up, down, up_time, down_time, stats = training()
         stats.update(drops_link_error=float(self.engine.linkDrops), drops_queue=float(self.engine.queueDrops))
-        if self.config.background_load > 0:
+        if self.config.has_background:
             stats.update(self._background_stats(fct))
         return SimulatedRound(up, down, up_time, down_time, stats)
 
@@ -159,22 +159,28 @@ class RoundSimulator:
                                    "was resolved (a packet dropped where no trace watches)")
             return float(engine.upSeconds), float(engine.downSeconds)
 
+        start_ns = np.zeros(shape.n_hosts, dtype=np.int64)  # when each worker's uplink starts (stragglers)
+        if shape.start_offsets_ns is not None:
+            start_ns[: shape.n_workers] = shape.start_offsets_ns
         if shape.transport == "udp":
             up_arrivals, down_arrivals = np.empty((n, P), dtype=np.int64), np.empty((n, P), dtype=np.int64)
             self.engine.Start(shape.round, workers, servers, n, servers, workers, n,
-                              P, shape.packet_bytes, self.config.link_rate, up_arrivals, down_arrivals)
+                              P, shape.packet_bytes, self.config.link_rate, up_arrivals, down_arrivals,
+                              self.config.source_drop_rate, self.config.seed,
+                              0 if shape.deadline_s is None else round(shape.deadline_s * 1e9), start_ns)
 
             def read_udp():
                 up[i, j] = up_arrivals >= 0
                 down[j, i] = down_arrivals >= 0
-                stats = {"packets_sent": float(self.engine.sent), "packets_received": float(self.engine.received)}
+                stats = {"packets_sent": float(self.engine.sent), "packets_received": float(self.engine.received),
+                         "drops_source": float(self.engine.sourceDrops), "packets_late": float(self.engine.late)}
                 return (up, down, *times(self.engine), stats)
 
             return read_udp
         if shape.transport == "tcp":
             up_done, down_done = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
             self.tcp.Start(workers, servers, n, servers, workers, n, P * shape.packet_bytes, shape.packet_bytes,
-                           up_done, down_done)
+                           up_done, down_done, start_ns)
 
             def read_tcp():
                 # reliable: every byte arrives unless a connection gave up (then that block counts as lost)

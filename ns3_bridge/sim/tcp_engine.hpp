@@ -57,9 +57,11 @@ class TcpRoundEngine : public TwoPhaseRound
                uint64_t bytesPerFlow,
                uint32_t segmentBytes,
                double* upCompletion,
-               double* downCompletion)
+               double* downCompletion,
+               const int64_t* startNs)
     {
         m_bytesPerFlow = bytesPerFlow;
+        m_startNs.assign(startNs, startNs + m_nodes.size());
         Listen(segmentBytes);
         m_completionOf[0] = upCompletion;
         m_completionOf[1] = downCompletion;
@@ -145,9 +147,23 @@ class TcpRoundEngine : public TwoPhaseRound
                 ns3::MakeBoundCallback(&TcpRoundEngine::HandleConnected, this, Key(phase, f)),
                 ns3::MakeBoundCallback(&TcpRoundEngine::HandleConnectFailed, this, Key(phase, f)));
             s->SetSendCallback(ns3::MakeBoundCallback(&TcpRoundEngine::HandleSendSpace, this, Key(phase, f)));
-            s->Connect(ns3::InetSocketAddress(m_addresses[flows.dst[f]], m_port));
+            ns3::InetSocketAddress to(m_addresses[flows.dst[f]], m_port);
+            int64_t late = phase == 1 ? m_startNs[flows.src[f]] : 0; // a straggler connects when its compute ends
+            if (late == 0)
+            {
+                s->Connect(to);
+            }
+            else
+            {
+                ns3::Simulator::Schedule(ns3::NanoSeconds(late), &TcpRoundEngine::Connect, s, to);
+            }
             m_senders.push_back(s);
         }
+    }
+
+    static void Connect(ns3::Ptr<ns3::Socket> s, ns3::InetSocketAddress to)
+    {
+        s->Connect(to);
     }
 
     // A transfer of the current phase completed (or its connection failed) now.
@@ -238,6 +254,7 @@ class TcpRoundEngine : public TwoPhaseRound
     double* m_completionOf[2] = {nullptr, nullptr};
     uint32_t m_unresolved = 0;
     uint64_t m_bytesPerFlow = 0;
+    std::vector<int64_t> m_startNs; // per host: when its uplink transfers start (stragglers)
     uint32_t m_segmentBytes = 0;
     double* m_completion = nullptr;
 };

@@ -1,6 +1,8 @@
 // What the UDP and the TCP round engines share: a round is the uplink phase (workers -> servers),
 // then, once everything the uplink sent is resolved (arrived, dropped, or its connection gave up),
 // the downlink phase (servers -> workers): a parameter server can only answer a complete uplink.
+// With a deadline a phase also ends when it has lasted that long: the receivers stop waiting, and
+// what has not arrived by then counts as lost (senders still send it: they do not know).
 #pragma once
 
 #include "ns3/core-module.h"
@@ -41,7 +43,14 @@ class TwoPhaseRound
         m_flows[1] = {std::vector<int32_t>(downSrc, downSrc + nDown), std::vector<int32_t>(downDst, downDst + nDown)};
         finished = false;
         upSeconds = downSeconds = 0.0;
+        ++m_token;
         ns3::Simulator::ScheduleNow(&TwoPhaseRound::Launch, this, 1u);
+    }
+
+    // Each phase ends at the latest this long after it starts (zero: no deadline). Set before BeginRound.
+    void SetDeadline(ns3::Time deadline)
+    {
+        m_deadline = deadline;
     }
 
     // Sends phase `phase` (1: up, 2: down) of `flows`; the engine calls EndPhase when it is resolved.
@@ -72,10 +81,25 @@ class TwoPhaseRound
     {
         m_phase = phase;
         m_start = ns3::Simulator::Now();
+        if (m_deadline.IsStrictlyPositive())
+        {
+            ns3::Simulator::Schedule(m_deadline, &TwoPhaseRound::Expire, this, m_token, phase);
+        }
         StartPhase(phase, m_flows[phase - 1]);
     }
 
+    // The deadline of `phase` of round instance `token`: end it unless it ended already.
+    void Expire(uint64_t token, uint32_t phase)
+    {
+        if (token == m_token && m_phase == phase)
+        {
+            EndPhase();
+        }
+    }
+
     Flows m_flows[2];
+    ns3::Time m_deadline = ns3::Seconds(0);
+    uint64_t m_token = 0; // which BeginRound a scheduled deadline belongs to
 };
 
 } // namespace pl_lossy

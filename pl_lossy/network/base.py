@@ -34,6 +34,10 @@ class RoundSpec:
     transport: str = "udp"
     colocated_servers: bool = True
     last_packet_bytes: int | None = None  # the last packet of a block may be short; None = full
+    deadline_s: float | None = None  # each phase ends at the latest this long after it starts; later packets are lost
+    compute_s: float = 0.0  # stragglers: the nominal compute time of a round...
+    compute_jitter: float = 0.0  # ...each worker's drawn lognormal around it with this sigma (mean-preserving)...
+    slow_workers: tuple[tuple[int, float], ...] = ()  # ...and (worker, factor): named slow workers
 
     def __post_init__(self) -> None:
         if self.round < 0:
@@ -49,6 +53,41 @@ class RoundSpec:
             )
         if self.last_packet_bytes is not None and not 1 <= self.last_packet_bytes <= self.packet_bytes:
             raise ValueError(f"RoundSpec.last_packet_bytes must be in [1, packet_bytes], got {self.last_packet_bytes}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"RoundSpec.deadline_s must be > 0 seconds (or None: no deadline), got {self.deadline_s}")
+        if self.deadline_s is not None and self.transport != "udp":
+            raise ValueError(f"a round deadline applies to lossy UDP rounds; transport={self.transport!r} delivers every block")
+        if self.compute_s < 0 or self.compute_jitter < 0:
+            raise ValueError(f"RoundSpec.compute_s and compute_jitter must be >= 0, got {self.compute_s}, {self.compute_jitter}")
+        for worker, factor in self.slow_workers:
+            if not 0 <= worker < self.n_workers or not factor > 0:
+                raise ValueError(f"slow worker {worker} with factor {factor}: workers are 0..{self.n_workers - 1}, factors > 0")
+        if self.has_stragglers and self.transport == "none":
+            raise ValueError("stragglers delay training traffic; transport='none' has none on the fabric")
+
+    @property
+    def has_stragglers(self) -> bool:
+        """Whether workers finish computing at different times (``compute_jitter`` or ``slow_workers``)."""
+        return self.compute_jitter > 0 or bool(self.slow_workers)
+
+    def compute_factors(self, seed: int) -> np.ndarray:
+        """Each worker's compute time over the nominal ``compute_s`` this round: ``factor_w x exp(sigma z - sigma^2 / 2)``,
+        ``z ~ N(0, 1)`` drawn from (seed, round, worker) (mean 1 over the draws), ``factor_w`` the slow workers' (else 1)."""
+        factors = np.ones(self.n_workers)
+        if self.compute_jitter > 0:
+            z = round_rng(seed, self.round, STRAGGLER_STREAM).standard_normal(self.n_workers)
+            factors = np.exp(self.compute_jitter * z - self.compute_jitter**2 / 2)
+        for worker, factor in self.slow_workers:
+            factors[worker] *= factor
+        return factors
+
+    def start_offsets_s(self, seed: int) -> np.ndarray | None:
+        """When each worker's uplink starts, from the uplink phase's start (when the fastest worker finished
+        computing): ``compute_s x (factor_w - min factor)``; None without stragglers."""
+        if not self.has_stragglers:
+            return None
+        factors = self.compute_factors(seed)
+        return self.compute_s * (factors - factors.min())
 
     @property
     def block_bytes(self) -> int:
@@ -129,6 +168,8 @@ class NetworkModel(abc.ABC):
     same_on_every_rank: bool = False
     #: How training's blocks cross this network (``RoundSpec.transport``): ``udp`` (lossy) unless it says otherwise.
     transport: str = "udp"
+    #: What a round's random draws (drops, stragglers' compute times) are keyed on, with the round.
+    seed: int = 0
 
     @abc.abstractmethod
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
@@ -155,6 +196,10 @@ class NetworkModel(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: The random stream stragglers' compute times are drawn from (drops use stream 0).
+STRAGGLER_STREAM = 0x5354
 
 
 def round_rng(seed: int, round_index: int, stream: int = 0) -> np.random.Generator:
@@ -205,6 +250,33 @@ class StarTiming:
         if self.latency_s < 0:
             raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
 
+    def packet_arrivals(self, spec: RoundSpec, start_offsets_s: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """When each packet arrives (seconds from its phase's start; 0 for co-located pairs, which never
+        cross the network): ``up [W, S, P]`` and ``down [S, W, P]``.
+
+        Every sender paces its packets round-robin over its remote flows, one per packet time ``t``
+        (packet ``p`` of its ``f``-th flow leaves in slot ``k = p x flows + f``); a receiver's link carries
+        at most one packet per ``t``, so where receivers have more senders than senders have flows, slots
+        stretch by that ratio ``r``. Packet ``k`` arrives at ``(k + 1) x t x r + latency``: the last one at
+        :meth:`phase_times`'s phase time. ``start_offsets_s`` (stragglers) delays each worker's uplink.
+        """
+        remote = ~spec.local_pairs()  # [W, S]
+        t = spec.packet_bytes * 8 / self.link_rate_bps
+
+        def one_phase(remote: np.ndarray) -> np.ndarray:  # [senders, receivers] -> [senders, receivers, P]
+            flows = remote.sum(axis=1, keepdims=True)
+            senders_max, flows_max = int(remote.sum(axis=0).max(initial=0)), int(flows.max(initial=0))
+            stretch = max(1.0, senders_max / flows_max) if flows_max else 1.0
+            index = np.cumsum(remote, axis=1) - 1  # the receiver's place among its sender's flows
+            slot = np.arange(spec.packets_per_block)[None, None, :] * flows[:, :, None] + index[:, :, None]
+            arrival = (slot + 1) * t * stretch + self.latency_s
+            return np.where(remote[:, :, None], arrival, 0.0)
+
+        up = one_phase(remote)
+        if start_offsets_s is not None:
+            up = np.where(remote[:, :, None], up + start_offsets_s[:, None, None], 0.0)
+        return up, one_phase(remote.T)
+
     def phase_times(self, spec: RoundSpec) -> tuple[float, float]:
         remote = ~spec.local_pairs()  # [W, S]
         # Uplink: worker i sends to every remote server; server j receives from every remote worker.
@@ -215,10 +287,25 @@ class StarTiming:
         return t, t  # the downlink moves the same blocks the other way
 
 
-def star_outcome(spec: RoundSpec, up: np.ndarray, down: np.ndarray, timing: StarTiming) -> RoundOutcome:
-    """An analytic model's outcome: co-located pairs delivered (they never cross the network), star timing."""
+def star_outcome(spec: RoundSpec, up: np.ndarray, down: np.ndarray, timing: StarTiming, seed: int = 0) -> RoundOutcome:
+    """An analytic model's outcome: co-located pairs delivered (they never cross the network), star timing;
+    with a deadline, packets that would arrive after it (:meth:`StarTiming.packet_arrivals`) are lost and
+    each phase lasts at most the deadline; stragglers (``seed`` draws them) start their uplink late."""
     local = spec.local_pairs()
     up[local] = True
     down[local.T] = True
     up_t, down_t = timing.phase_times(spec)
-    return RoundOutcome(up, down, up_t, down_t)
+    offsets = spec.start_offsets_s(seed)
+    if offsets is None and spec.deadline_s is None:
+        return RoundOutcome(up, down, up_t, down_t)
+    up_at, down_at = timing.packet_arrivals(spec, offsets)
+    if offsets is not None:
+        up_t = max(up_t, float(up_at.max()))  # the uplink lasts until the late senders' last packets arrive
+    if spec.deadline_s is None:
+        return RoundOutcome(up, down, up_t, down_t)
+    deadline = spec.deadline_s
+    late_up, late_down = (up_at > deadline) & up, (down_at > deadline) & down  # arrived, but after the deadline
+    up &= ~late_up
+    down &= ~late_down
+    stats = {"packets_late": float(late_up.sum() + late_down.sum())}
+    return RoundOutcome(up, down, min(up_t, deadline), min(down_t, deadline), stats)

@@ -47,7 +47,7 @@ class BernoulliNetwork(NetworkModel):
         rng = round_rng(self.seed, spec.round)
         up = rng.random(spec.up_shape, dtype=np.float32) >= self.uplink_drop_rate
         down = rng.random(spec.down_shape, dtype=np.float32) >= self.downlink_drop_rate
-        return star_outcome(spec, up, down, self.timing)
+        return star_outcome(spec, up, down, self.timing, self.seed)
 
     def describe(self) -> str:
         return (

@@ -91,7 +91,7 @@ class GilbertElliottNetwork(NetworkModel):
         rng = round_rng(self.seed, spec.round)
         up = self._phase_mask(rng, spec.up_shape)
         down = self._phase_mask(rng, spec.down_shape)
-        return star_outcome(spec, up, down, self.timing)
+        return star_outcome(spec, up, down, self.timing, self.seed)
 
     def describe(self) -> str:
         return (

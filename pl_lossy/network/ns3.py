@@ -84,6 +84,7 @@ class Ns3Network(NetworkModel):
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
         self.config = NetworkConfig.from_dict(settings)
+        self.seed = self.config.seed
         if transport not in TRANSPORTS:
             raise ValueError(
                 f"transport must be 'udp' (lossy, RPS), 'tcp' (the reliable baseline) or 'none' (no training "
@@ -216,8 +217,11 @@ class Ns3Network(NetworkModel):
     def _key(self, spec: RoundSpec, round_index: int) -> str:
         if self._settings is None:
             self._settings = config_settings(self.config)
-        shape = dataclasses.asdict(self._shape(spec, 0))
+        shape = dataclasses.asdict(self._shape(spec, round_index))  # its stragglers' offsets are this round's
         del shape["round"]
+        for optional in ("deadline_s", "start_offsets_ns"):  # absent when unset: rounds stored before they existed still match
+            if shape[optional] is None:
+                del shape[optional]
         return round_key(self._settings, shape, round_index, simulator_identity())
 
     def store_summary(self) -> Optional[dict[str, Any]]:
@@ -225,9 +229,11 @@ class Ns3Network(NetworkModel):
         return self._store.summary() if self._store is not None else self._store_report
 
     def _shape(self, spec: RoundSpec, round_index: int) -> RoundShape:
+        offsets = dataclasses.replace(spec, round=round_index).start_offsets_s(self.config.seed)
         return RoundShape(
             round_index, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes,
-            spec.colocated_servers, self.transport,
+            spec.colocated_servers, self.transport, spec.deadline_s,
+            None if offsets is None else tuple(int(round(x * 1e9)) for x in offsets),
         )
 
     def prefetch(self, specs: Iterable[RoundSpec]) -> None:
@@ -263,6 +269,12 @@ class Ns3Network(NetworkModel):
             fabric = f"leaf_spine[{c.hosts_per_leaf} hosts/leaf, {c.n_spines} spines, {c.oversubscription:g}:1, {c.placement if isinstance(c.placement, str) else 'explicit'}]"
         loss = f"{c.error_model} loss {c.mean_loss_rate:g}"
         tenants = f", background load {c.background_load:g}" if c.background_load else ""
+        if c.background_flows_per_s:
+            tenants = f", background {c.background_flows_per_s:g} flows/s"
+        if c.background_flow_bytes is not None and c.has_background:
+            tenants += f" of {c.background_flow_bytes:,} B"
+        if c.source_drop_rate:
+            tenants += f", senders drop {c.source_drop_rate:g} of learning packets"
         tenants += ", learning class" if c.learning_class else ""
         return (
             f"ns-3 {self.transport.upper()} over {fabric}({c.link_rate / 1e9:g} Gb/s, {c.link_delay * 1e6:g} us, {loss}, "

@@ -14,10 +14,10 @@ class ReliableNetwork(NetworkModel):
 
     def __init__(self, link_rate_bps: float = 10e9, latency_s: float = 50e-6, seed: int = 0) -> None:
         self.timing = StarTiming(link_rate_bps, latency_s)
-        self.seed = seed  # unused: accepted so that every model takes the same common settings
+        self.seed = seed  # draws stragglers' compute times (no drops to draw)
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
-        return star_outcome(spec, np.ones(spec.up_shape, bool), np.ones(spec.down_shape, bool), self.timing)
+        return star_outcome(spec, np.ones(spec.up_shape, bool), np.ones(spec.down_shape, bool), self.timing, self.seed)
 
     def describe(self) -> str:
         return f"Reliable({self.timing.link_rate_bps / 1e9:g} Gb/s)"

@@ -14,7 +14,10 @@ _SPEC_KEYS = ("n_workers", "n_servers", "packets_per_block", "packet_bytes", "tr
 
 
 def _spec_key(spec: RoundSpec) -> dict:
-    return {k: getattr(spec, k) for k in _SPEC_KEYS}
+    key = {k: getattr(spec, k) for k in _SPEC_KEYS}
+    if spec.deadline_s is not None:  # only then: traces recorded before deadlines existed still match
+        key["deadline_s"] = spec.deadline_s
+    return key
 
 
 class TraceRecorder(NetworkModel):
@@ -26,6 +29,7 @@ class TraceRecorder(NetworkModel):
 
     def __init__(self, network: NetworkModel, path: str | os.PathLike) -> None:
         self.network = network
+        self.seed = network.seed
         self.path = Path(path)
         self.same_on_every_rank = network.same_on_every_rank
         self.transport = network.transport
