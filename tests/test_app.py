@@ -266,6 +266,22 @@ def test_paper_network_driver_sweeps_learning_drops_and_reports_the_web_service(
     assert proc.returncode == 2 and "--p must include 0" in proc.stderr and not (tmp_path / "bad" / "runs").exists()
 
 
+def test_deadline_compare_bounds_the_rounds_a_straggler_would_stretch(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "deadline_compare.py"), "--deadline", "0.003", "--out", str(tmp_path / "dl"),
+           "--", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
+             if line.startswith(("| tcp |", "| rps |", "| rps+deadline 3ms |"))]
+    rows = {row[0]: row for row in cells}
+    assert set(rows) == {"tcp", "rps", "rps+deadline 3ms"}
+    p99 = {way: float(row[4].split()[0]) for way, row in rows.items()}
+    # compute 2 ms, then each phase cut at 3 ms: no round longer than 8 ms; without the deadline the straggler stretches them
+    assert p99["rps+deadline 3ms"] <= 8.0 + 1e-6 < p99["rps"] < p99["tcp"]
+    assert float(rows["tcp"][5]) == 1.0 and float(rows["rps+deadline 3ms"][6]) > 0
+    assert (tmp_path / "dl" / "rounds.png").stat().st_size > 20_000
+
+
 def test_aggregation_compare_runs_every_rule_on_both_loss_models_over_ns3(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "aggregation_compare.py"), "--rules", "rps", "hadamard", "--epochs", "1",
            "--workers", "2", "--out", str(tmp_path / "agg"), "--", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]

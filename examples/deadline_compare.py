@@ -1,0 +1,100 @@
+"""What does a round deadline buy, on this model, this network, with this straggler? One command.
+
+    python examples/deadline_compare.py                        # digits MLP, 4 workers, experiment=datacenter, worker 3 at 2x
+    python examples/deadline_compare.py --slow 3:4 --deadline 0.001 0.003 -- network.background_load=0.6
+
+Runs the main job (examples/train.py experiment=datacenter: a 2:1 oversubscribed leaf-spine at 1 Gb/s
+shared with other tenants' web-search TCP flows) with one named straggler (``strategy.slow_workers``:
+its compute takes that many times the others') several ways, same seed, data, model, fabric and
+background flows:
+
+  tcp             training traffic as reliable TCP: every round waits for every byte
+  rps             lossy UDP + RPS: every round waits for every packet to arrive or drop
+  rps+deadline D  lossy UDP + RPS, each phase cut at D simulated seconds (``strategy.deadline_s``):
+                  what has not arrived by then counts as lost
+
+and prints one table: final accuracy, simulated time to --target accuracy, round time (p50 and p99 of
+the simulated time each round took: compute, uplink, downlink), learning packets delivered, and the
+packets lost to the deadline; writes compare.md/.csv, compare.png and rounds.png (round-time
+distributions) under --out. Arguments after ``--`` are Hydra overrides for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pl_lossy.compare import compare, pyplot, save_figure
+from pl_lossy.runs import RunResult, run_main_job, split_overrides
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slow", default="3:2", help="the straggler, worker:factor on its compute time (default 3:2)")
+    p.add_argument("--deadline", type=float, nargs="+", default=[0.004], help="deadlines to try, seconds per phase")
+    p.add_argument("--compute-time-s", type=float, default=0.002, help="simulated compute per round of a normal worker")
+    p.add_argument("--target", type=float, default=0.9, help="validation accuracy to reach")
+    p.add_argument("--out", type=Path, default=Path("outputs/deadline_compare"))
+    args = p.parse_args(argv)
+    try:
+        worker, factor = args.slow.split(":")
+        args.slow = (int(worker), float(factor))
+    except ValueError:
+        p.error(f"--slow must be worker:factor, e.g. 3:2, got {args.slow!r}")
+    if not args.slow[1] > 0 or any(not d > 0 for d in args.deadline) or not args.compute_time_s > 0:
+        p.error("the straggler's factor, every --deadline and --compute-time-s must be > 0")
+    if not 0 < args.target <= 1:
+        p.error(f"--target must be an accuracy in (0, 1], got {args.target}")
+    return args
+
+
+def round_times(result: RunResult) -> np.ndarray:
+    """Simulated seconds each round took (the clock's steps)."""
+    clock = [t for _, t in sorted(result.column("net/sim_time_s"))]
+    return np.diff([0.0, *clock])
+
+
+def main() -> None:
+    argv, overrides = split_overrides(sys.argv[1:])
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    worker, factor = args.slow
+    common = ["experiment=datacenter", "trainer.log_every_n_steps=1", "network.learning_class=false",
+              f"strategy.compute_time_s={args.compute_time_s}", f"strategy.slow_workers={{{worker}:{factor}}}", *overrides]
+    ways = {"tcp": ["network.transport=tcp"], "rps": ["network.transport=udp"]}
+    ways.update({f"rps+deadline {d * 1e3:g}ms": ["network.transport=udp", f"strategy.deadline_s={d}"] for d in args.deadline})
+    results = {name: run_main_job(HERE / "train.py", args.out / name.replace(" ", "_").replace("+", "_"), [*common, *extra], name)
+               for name, extra in ways.items()}
+    table, _ = compare([r.run_dir for r in results.values()], out=args.out, target=args.target)
+    print(table)
+    print(f"\nworker {worker} computes {factor:g}x as long as the others ({args.compute_time_s * 1e3:g} ms):")
+    print("| way | val_acc | sim time to target | round p50 | round p99 | learning packets delivered | lost to the deadline a round |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        times = round_times(r)
+        late = [v for _, v in r.column("net/packets_late")]
+        to_target = r.time_to(args.target)
+        print(f"| {name} | {r.summary['val_acc']:.4f} | {'-' if to_target is None else f'{to_target:.3f} s'} "
+              f"| {np.percentile(times, 50) * 1e3:.2f} ms | {np.percentile(times, 99) * 1e3:.2f} ms "
+              f"| {1 - r.learning_drop:.3f} | {np.mean(late) if late else 0:.0f} |")
+    plt = pyplot()
+    fig, (hist, curve) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, r in results.items():
+        times = np.sort(round_times(r)) * 1e3
+        hist.plot(times, np.arange(1, len(times) + 1) / len(times), label=name)
+        curve.plot(*zip(*r.accuracy_curve()), marker=".", label=name)
+    hist.set(xlabel="simulated round time (ms)", ylabel="fraction of rounds", title="round times (CDF)")
+    curve.set(xlabel="simulated time (s)", ylabel="val_acc", title="accuracy against simulated time")
+    for ax in (hist, curve):
+        ax.legend(fontsize=8)
+    save_figure(fig, args.out / "rounds.png", f"a straggler (worker {worker} at {factor:g}x) on a shared leaf-spine")
+    print(f"\ntable and plots: {args.out / 'compare.md'}, {args.out / 'compare.png'}, {args.out / 'rounds.png'}")
+
+
+if __name__ == "__main__":
+    main()
