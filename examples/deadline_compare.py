@@ -12,6 +12,9 @@ background flows:
   rps             lossy UDP + RPS: every round waits for every packet to arrive or drop
   rps+deadline D  lossy UDP + RPS, each phase cut at D simulated seconds (``strategy.deadline_s``):
                   what has not arrived by then counts as lost
+  rps+adaptive    lossy UDP + RPS, the deadline adapted every round to twice the median arrival time
+                  of the last one, with a margin (``strategy.adaptive_deadline``, pl_lossy/deadlines.py),
+                  starting at and capped by --adaptive-cap
 
 and prints one table: final accuracy, simulated time to --target accuracy, round time (p50 and p99 of
 the simulated time each round took: compute, uplink, downlink), learning packets delivered, and the
@@ -37,6 +40,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slow", default="3:2", help="the straggler, worker:factor on its compute time (default 3:2)")
     p.add_argument("--deadline", type=float, nargs="+", default=[0.004], help="deadlines to try, seconds per phase")
+    p.add_argument("--adaptive-cap", type=float, default=0.01, help="the adaptive deadline's first value and cap, seconds (0: no adaptive run)")
     p.add_argument("--compute-time-s", type=float, default=0.002, help="simulated compute per round of a normal worker")
     p.add_argument("--target", type=float, default=0.9, help="validation accuracy to reach")
     p.add_argument("--out", type=Path, default=Path("outputs/deadline_compare"))
@@ -46,8 +50,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.slow = (int(worker), float(factor))
     except ValueError:
         p.error(f"--slow must be worker:factor, e.g. 3:2, got {args.slow!r}")
-    if not args.slow[1] > 0 or any(not d > 0 for d in args.deadline) or not args.compute_time_s > 0:
-        p.error("the straggler's factor, every --deadline and --compute-time-s must be > 0")
+    if not args.slow[1] > 0 or any(not d > 0 for d in args.deadline) or not args.compute_time_s > 0 or args.adaptive_cap < 0:
+        p.error("the straggler's factor, every --deadline and --compute-time-s must be > 0 (--adaptive-cap >= 0)")
     if not 0 < args.target <= 1:
         p.error(f"--target must be an accuracy in (0, 1], got {args.target}")
     return args
@@ -59,6 +63,12 @@ def round_times(result: RunResult) -> np.ndarray:
     return np.diff([0.0, *clock])
 
 
+def last_deadline(result: RunResult) -> str:
+    """The deadline of the run's last round (``net/deadline_s``), or "-"."""
+    deadlines = sorted(result.column("net/deadline_s"))
+    return f"{deadlines[-1][1] * 1e3:.2f} ms" if deadlines else "-"
+
+
 def main() -> None:
     argv, overrides = split_overrides(sys.argv[1:])
     args = parse(argv)
@@ -68,20 +78,23 @@ def main() -> None:
               f"strategy.compute_time_s={args.compute_time_s}", f"strategy.slow_workers={{{worker}:{factor}}}", *overrides]
     ways = {"tcp": ["network.transport=tcp"], "rps": ["network.transport=udp"]}
     ways.update({f"rps+deadline {d * 1e3:g}ms": ["network.transport=udp", f"strategy.deadline_s={d}"] for d in args.deadline})
+    if args.adaptive_cap:
+        ways["rps+adaptive"] = ["network.transport=udp", f"strategy.deadline_s={args.adaptive_cap}", "strategy.adaptive_deadline=true"]
     results = {name: run_main_job(HERE / "train.py", args.out / name.replace(" ", "_").replace("+", "_"), [*common, *extra], name)
                for name, extra in ways.items()}
     table, _ = compare([r.run_dir for r in results.values()], out=args.out, target=args.target)
     print(table)
     print(f"\nworker {worker} computes {factor:g}x as long as the others ({args.compute_time_s * 1e3:g} ms):")
-    print("| way | val_acc | sim time to target | round p50 | round p99 | learning packets delivered | lost to the deadline a round |")
-    print("|---|---|---|---|---|---|---|")
+    print("| way | val_acc | sim time to target | round p50 | round p99 | learning packets delivered | lost to the deadline a round "
+          "| deadline (last round) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         times = round_times(r)
         late = [v for _, v in r.column("net/packets_late")]
         to_target = r.time_to(args.target)
         print(f"| {name} | {r.summary['val_acc']:.4f} | {'-' if to_target is None else f'{to_target:.3f} s'} "
               f"| {np.percentile(times, 50) * 1e3:.2f} ms | {np.percentile(times, 99) * 1e3:.2f} ms "
-              f"| {1 - r.learning_drop:.3f} | {np.mean(late) if late else 0:.0f} |")
+              f"| {1 - r.learning_drop:.3f} | {np.mean(late) if late else 0:.0f} | {last_deadline(r)} |")
     plt = pyplot()
     fig, (hist, curve) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, r in results.items():

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import checkpointing
 from .aggregation import GRADIENT_RULES, check_aggregation
 from .compute import ComputeModel
+from .deadlines import next_deadline
 from .exchange import SIDE_FIELDS, RPSExchange
 from .gradient_exchange import GradientExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
@@ -67,6 +68,7 @@ class SimClock:
     compute_time_s: float = 0.0
     delivered_up_sum: float = 0.0
     delivered_down_sum: float = 0.0
+    deadline_s: Optional[float] = None  # an adaptive deadline's value for the next round (None: not adapting)
 
     def advance(self, compute_s: float, outcome: RoundOutcome, delivered: tuple[float, float]) -> None:
         self.rounds += 1
@@ -186,6 +188,9 @@ class LossyPSStrategy(DDPStrategy):
             seconds after it starts; packets that would arrive later count as lost (the receivers stop
             waiting; senders still send them). ``None``: a phase lasts until its last packet is resolved.
             Lossy UDP rounds only (not ``transport=tcp``).
+        adaptive_deadline: adapt the deadline every round to what the last one needed (see
+            :mod:`pl_lossy.deadlines`), starting at and never above ``deadline_s`` (required), with
+            ``deadline_slack`` (default 1.25) over the estimate.
         compute_jitter: stragglers: each worker's compute time per round is the compute time times
             ``exp(sigma z - sigma^2 / 2)``, ``z ~ N(0, 1)`` drawn from (network seed, round, worker): a
             lognormal of mean 1 with this ``sigma``; 0: every worker computes for the same time.
@@ -217,6 +222,8 @@ class LossyPSStrategy(DDPStrategy):
         compute_time_s: Union[float, str, None] = "flops",
         device_flops: float = 1e12,
         deadline_s: Optional[float] = None,
+        adaptive_deadline: bool = False,
+        deadline_slack: float = 1.25,
         compute_jitter: float = 0.0,
         slow_workers: Optional[dict[int, float]] = None,
         divergence_every: int = 50,
@@ -253,6 +260,13 @@ class LossyPSStrategy(DDPStrategy):
         self.sync_buffers = sync_buffers
         self.compute = ComputeModel(compute_time_s, device_flops)
         self.deadline_s = None if deadline_s is None else float(deadline_s)
+        if not isinstance(adaptive_deadline, bool):
+            raise ValueError(f"adaptive_deadline must be true or false, got {adaptive_deadline!r}")
+        if adaptive_deadline and self.deadline_s is None:
+            raise ValueError("adaptive_deadline needs deadline_s: the first round's deadline and the cap it never exceeds")
+        if isinstance(deadline_slack, bool) or not isinstance(deadline_slack, (int, float)) or not deadline_slack >= 1:
+            raise ValueError(f"deadline_slack must be a number >= 1 (the margin over the estimated time), got {deadline_slack!r}")
+        self.adaptive_deadline, self.deadline_slack = adaptive_deadline, float(deadline_slack)
         self.compute_jitter, self.slow_workers = _check_stragglers(compute_jitter, slow_workers, self.compute)
         self.divergence_every = divergence_every
         self.log_metrics = log_metrics
@@ -495,6 +509,8 @@ class LossyPSStrategy(DDPStrategy):
     def round_spec(self, round_index: int) -> RoundSpec:
         assert self._spec is not None, "the strategy is not set up"
         spec = RoundSpec(**{**asdict(self._spec), "round": round_index})
+        if self.adaptive_deadline and self.clock.deadline_s is not None:
+            spec = replace(spec, deadline_s=self.clock.deadline_s)
         if spec.has_stragglers:  # they start late by parts of the compute time (reproducible: "flops" or fixed)
             spec = replace(spec, compute_s=self.compute.round_time_s(lambda: 0.0))
         return spec
@@ -521,8 +537,11 @@ class LossyPSStrategy(DDPStrategy):
         self._sync_buffers()
         delivered = outcome.delivered_fractions(spec)
         self.clock.advance(compute_s, outcome, delivered)
+        if self.adaptive_deadline:
+            self.clock.deadline_s = next_deadline(outcome, self.deadline_s, self.deadline_slack)
+        stats = outcome.stats if spec.deadline_s is None else {**outcome.stats, "deadline_s": spec.deadline_s}
         self.last_round = RoundRecord(
-            spec.round, *delivered, outcome.up_time_s, outcome.down_time_s, compute_s, self.clock.sim_time_s, outcome.stats
+            spec.round, *delivered, outcome.up_time_s, outcome.down_time_s, compute_s, self.clock.sim_time_s, stats
         )
         if self.divergence_every and self.clock.rounds % self.divergence_every == 0:
             rms, norm = self._exchange.divergence(self._all_reduce_sum)

@@ -267,7 +267,7 @@ def test_paper_network_driver_sweeps_learning_drops_and_reports_the_web_service(
 
 
 def test_deadline_compare_bounds_the_rounds_a_straggler_would_stretch(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "deadline_compare.py"), "--deadline", "0.003", "--out", str(tmp_path / "dl"),
+    cmd = [sys.executable, str(ROOT / "examples" / "deadline_compare.py"), "--deadline", "0.003", "--adaptive-cap", "0", "--out", str(tmp_path / "dl"),
            "--", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

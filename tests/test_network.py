@@ -200,3 +200,21 @@ def test_analytic_packet_arrivals_end_at_the_phase_time_and_a_deadline_cuts_each
 def test_bad_deadlines_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         spec(**kw)
+
+
+def test_the_adaptive_deadline_settles_below_a_straggler_and_never_above_its_cap():
+    from pl_lossy.deadlines import next_deadline
+
+    net = BernoulliNetwork(0.0, link_rate_bps=1e9, latency_s=10e-6, seed=1)
+    cap, deadline, seen = 4e-3, 4e-3, []
+    for r in range(6):  # worker 3 computes 3 ms where the others take 1: its uplink starts 2 ms late
+        s = spec(r=r, W=8, S=8, P=20, packet_bytes=1400, compute_s=1e-3, slow_workers=((3, 3.0),), deadline_s=deadline)
+        out = net.outcome(s)
+        seen.append((deadline, out.up[3, [0, 1, 2, 4, 5, 6, 7]].mean(), out.up[[0, 1, 2, 4, 5, 6, 7]].mean()))
+        deadline = next_deadline(out, cap, slack=1.25)
+    free_phase = net.timing.phase_times(spec(W=8, S=8, P=20, packet_bytes=1400))[0]
+    assert seen[0][0] == cap and seen[0][1] == 1.0  # round 0 waits up to the cap: the straggler makes it
+    assert seen[-1][0] == pytest.approx(1.25 * free_phase, rel=0.05)  # then the median arrival sets the pace...
+    assert seen[-1][1] < 0.2 and seen[-1][2] == 1.0  # ...and only the straggler's uplink is cut
+    assert next_deadline(RoundOutcome(out.up, out.down, 1.0, 1.0, {"up_t50_s": 0.0, "down_t50_s": 0.1}), cap, 1.25) == cap
+    assert next_deadline(RoundOutcome(out.up, out.down, 1.0, 1.0, {"up_t50_s": 1.0, "down_t50_s": 0.1}), cap, 1.25) == cap

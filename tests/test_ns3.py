@@ -617,6 +617,8 @@ def test_a_deadline_below_the_rounds_natural_time_drops_the_late_packets_and_cap
     # nothing else drops here: every packet the deadline cut arrived later (the senders still sent it)
     assert cut.stats["packets_sent"] == free.stats["packets_sent"] and cut.stats["drops_queue"] == 0
     assert cut.stats["packets_late"] == lost_up + remote(bounded, ~cut.down.transpose(1, 0, 2)).sum()
+    assert 0 < cut.stats["up_t50_s"] < 0.8e-3 and 0 < cut.stats["down_t50_s"] < 0.8e-3  # what an adaptive deadline reads
+    assert "up_t50_s" not in free.stats
     # a sender paces its flows round-robin: what is late is each flow's tail, never a packet before an arrived one
     for flow in remote(bounded, cut.up):
         assert not (np.diff(flow.astype(int)) > 0).any()

@@ -169,6 +169,39 @@ def test_resume_continues_the_same_drop_sequence(tmp_path):
     assert np.array_equal(resumed["down"], full["down"][per_epoch:])
 
 
+def test_an_adaptive_deadline_cuts_a_straggler_and_resumes_where_it_was(tmp_path):
+    def strategy(**kw):
+        net = BernoulliNetwork(0.05, link_rate_bps=1e9, latency_s=10e-6, seed=2)
+        return lossy(net, compute_time_s=1e-3, compute_jitter=0.2, slow_workers={1: 3.0}, deadline_s=4e-3, adaptive_deadline=True, **kw)
+
+    import csv
+
+    model, dm = digits_model(hidden=(256,))
+    fit(strategy(), model, dm, max_epochs=2, logger=CSVLogger(tmp_path, name="full"), log_every_n_steps=1)
+    rows = [r for r in csv.DictReader(open(tmp_path / "full" / "version_0" / "metrics.csv")) if r.get("net/deadline_s")]
+    deadlines = [float(r["net/deadline_s"]) for r in rows]
+    assert deadlines[0] == 4e-3 and max(deadlines) <= 4e-3 and deadlines[-1] < 2e-3  # it came down from the cap
+    assert float(rows[-1]["net/delivered_up"]) < 0.75  # worker 1's uplink, 2 ms late, is cut
+
+    model, dm = digits_model(hidden=(256,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(strategy(), model, dm, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["lossy_ps"]["clock"]
+    per_epoch = saved["rounds"]
+    assert saved["deadline_s"] == pytest.approx(deadlines[per_epoch])  # the next round's deadline travels with the clock
+    model, dm = digits_model(hidden=(256,))
+    fit(strategy(), model, dm, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+        logger=CSVLogger(tmp_path, name="resumed"), log_every_n_steps=1)
+    resumed = [float(r["net/deadline_s"]) for r in csv.DictReader(open(tmp_path / "resumed" / "version_0" / "metrics.csv"))
+               if r.get("net/deadline_s")]
+    assert resumed == pytest.approx(deadlines[per_epoch:])
+
+
+def test_an_adaptive_deadline_needs_a_cap():
+    with pytest.raises(ValueError, match="adaptive_deadline needs deadline_s"):
+        LossyPSStrategy(network=BernoulliNetwork(0.1), adaptive_deadline=True)
+
+
 class _RankZeroOnly(BernoulliNetwork):
     """A network only rank 0 may ask (like the ns-3 bridge): masks reach the others by broadcast."""
 

@@ -23,6 +23,12 @@ BACKGROUND_PORT = 9100  # background flows' listeners
 BACKGROUND_SEGMENT_BYTES = 1448  # a 1,500-byte Ethernet MTU's TCP payload: what tenants send
 
 
+def median_arrival_s(arrivals_ns: np.ndarray) -> float:
+    """Seconds from the phase's start to the median arrival among the packets that arrived (0: none did)."""
+    arrived = arrivals_ns[arrivals_ns >= 0]
+    return float(np.median(arrived)) / 1e9 if arrived.size else 0.0
+
+
 class RoundSimulator:
     def __init__(self, config: NetworkConfig) -> None:
         self.config = config
@@ -174,6 +180,8 @@ class RoundSimulator:
                 down[j, i] = down_arrivals >= 0
                 stats = {"packets_sent": float(self.engine.sent), "packets_received": float(self.engine.received),
                          "drops_source": float(self.engine.sourceDrops), "packets_late": float(self.engine.late)}
+                if shape.deadline_s is not None:  # what an adaptive deadline reads: when the median arrival came
+                    stats.update(up_t50_s=median_arrival_s(up_arrivals), down_t50_s=median_arrival_s(down_arrivals))
                 return (up, down, *times(self.engine), stats)
 
             return read_udp

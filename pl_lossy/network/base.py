@@ -308,4 +308,7 @@ def star_outcome(spec: RoundSpec, up: np.ndarray, down: np.ndarray, timing: Star
     up &= ~late_up
     down &= ~late_down
     stats = {"packets_late": float(late_up.sum() + late_down.sum())}
+    remote = ~local
+    for phase, arrived, at in (("up", up & remote[:, :, None], up_at), ("down", down & remote.T[:, :, None], down_at)):
+        stats[f"{phase}_t50_s"] = float(np.median(at[arrived])) if arrived.any() else 0.0  # what an adaptive deadline reads
     return RoundOutcome(up, down, min(up_t, deadline), min(down_t, deadline), stats)
