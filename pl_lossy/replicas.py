@@ -229,7 +229,7 @@ class WorkerReplicas:
 
     @property
     def mode(self) -> str:
-        """How training steps run: ``vmap`` or ``loop``."""
+        """How training steps run: ``vmap``, ``loop`` or ``cuda_graph``."""
         if self.batching == "cuda_graph":
             return "vmap" if self._graph_failed else "cuda_graph"
         if self.batching != "auto":
