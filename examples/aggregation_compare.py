@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from pl_lossy.aggregation import AGGREGATIONS
 from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.runs import RunResult, mean_curve, run_sweep, split_overrides
+from pl_lossy.runs import RunResult, driver_arguments, mean_curve, run_sweep
 
 HERE = Path(__file__).resolve().parent
 LOSS_MODELS = {"rate": "i.i.d.", "gilbert_elliott": "bursty"}
@@ -101,9 +100,7 @@ def plot(groups: dict[tuple[str, str], list[RunResult]], rules: list[str], path:
 
 
 def main() -> None:
-    argv, overrides = split_overrides(sys.argv[1:])
-    args = parse(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, overrides = driver_arguments(parse)
     started = time.time()
     runs = run_sweep(HERE / "train.py", args.out / "runs", [
         "network=ns3_star", f"strategy.aggregation={','.join(args.rules)}", *loss_overrides(args.loss, args.burst),

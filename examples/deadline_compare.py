@@ -25,13 +25,12 @@ distributions) under --out. Arguments after ``--`` are Hydra overrides for every
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.runs import RunResult, run_main_job, split_overrides
+from pl_lossy.runs import RunResult, driver_arguments, run_main_job
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,9 +69,7 @@ def last_deadline(result: RunResult) -> str:
 
 
 def main() -> None:
-    argv, overrides = split_overrides(sys.argv[1:])
-    args = parse(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, overrides = driver_arguments(parse)
     worker, factor = args.slow
     common = ["experiment=datacenter", "trainer.log_every_n_steps=1", "network.learning_class=false",
               f"strategy.compute_time_s={args.compute_time_s}", f"strategy.slow_workers={{{worker}:{factor}}}", *overrides]

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from pl_lossy.compare import compare, pyplot, save_figure
 from pl_lossy.aggregation import AGGREGATIONS
-from pl_lossy.runs import RunResult, mean_curve, run_sweep, split_overrides
+from pl_lossy.runs import RunResult, apply_preset, driver_arguments, mean_curve, run_sweep
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
@@ -54,9 +53,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rules[0] != "rps":
         args.rules = ["rps", *(r for r in args.rules if r != "rps")]
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, PRESETS[args.preset])
     bad = [f"--p {x}" for x in args.p if not 0 <= x < 1] + [f"--n {x}" for x in args.n if x < 1]
     bad += [f"--steps {args.steps}"] if args.steps < 1 else []
     if bad:
@@ -143,9 +140,7 @@ def plot(grids: dict[str, dict[tuple[float, int], list[RunResult]]], path: Path,
 
 
 def main() -> None:
-    argv, overrides = split_overrides(sys.argv[1:])
-    args = parse(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, overrides = driver_arguments(parse)
     started = time.time()
     runs = sweep(args, overrides)
     table, _ = compare([runs], out=args.out, over=["seed"])

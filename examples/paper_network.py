@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.runs import RunResult, run_sweep, split_overrides
+from pl_lossy.runs import RunResult, apply_preset, driver_arguments, run_sweep
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
@@ -45,9 +44,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps (rounds) per run (default: the preset's)")
     p.add_argument("--out", type=Path, default=Path("outputs/paper_network"))
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, PRESETS[args.preset])
     bad = [f"--p {x}" for x in args.p if not 0 <= x <= 1] + [f"--rates {x:g}" for x in args.rates if not x > 0]
     bad += [f"--steps {args.steps}"] if args.steps < 1 else []
     if bad:
@@ -65,9 +62,7 @@ def cell(results: list[RunResult], key: str) -> float:
 
 
 def main() -> None:
-    argv, overrides = split_overrides(sys.argv[1:])
-    args = parse(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, overrides = driver_arguments(parse)
     started = time.time()
     runs = run_sweep(HERE / "train.py", args.out / "runs", [
         "experiment=paper_network",

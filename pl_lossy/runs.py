@@ -6,6 +6,7 @@ simulated time and when it first reaches a target (``pl-lossy compare`` tabulate
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import json
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -22,6 +23,22 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" not in argv:
         return argv, []
     return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def driver_arguments(parse: Callable[[list[str]], argparse.Namespace]) -> tuple[argparse.Namespace, list[str]]:
+    """An example driver's own arguments (``parse`` reads them; they must hold ``out``, which is created) and
+    the Hydra overrides after ``--`` (for every run it starts)."""
+    argv, overrides = split_overrides(sys.argv[1:])
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args, overrides
+
+
+def apply_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """Fill every argument left unset (None) from the chosen preset."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -> "RunResult":
