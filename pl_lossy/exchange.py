@@ -144,11 +144,8 @@ class RPSExchange:
         ``all_reduce`` must sum a tensor in place over all processes. Returns the side values
         ``[SIDE_FIELDS, n_processes]`` (``side_values`` of every process), on the storage's device.
         """
-        if self.identity:
-            side = self.side()
-            for field, value in enumerate(side_values):
-                side[field].fill_(value)
-            return side
+        if self.identity:  # nothing to send: the side values stay on the host (no kernel, nothing to read back)
+            return torch.tensor(side_values, dtype=torch.float32).view(SIDE_FIELDS, 1)
         first, k, E = self.first_worker, self.k, self.layout.elems_per_packet
         blocks = self.blocks()
         lost_cpu = rps.lost_packets(down[:, first : first + k].transpose(0, 1))

@@ -106,11 +106,9 @@ class GradientExchange:
         """Aggregate this round's gradients in place given the global masks (bool CPU ``[W, S, P]``, ``[S, W, P]``).
 
         Returns the side values ``[SIDE_FIELDS, n_processes]`` of every process."""
+        if self.identity:  # one worker, its own server: nothing crosses the network (side values stay on the host)
+            return torch.tensor(side_values, dtype=torch.float32).view(SIDE_FIELDS, 1)
         side = self._wire[self._wire.numel() - SIDE_FIELDS * self.n_processes :].view(SIDE_FIELDS, self.n_processes)
-        if self.identity:  # one worker, its own server: nothing crosses the network
-            for field, value in enumerate(side_values):
-                side[field].fill_(value)
-            return side
         first, k, lay = self.first_worker, self.k, self.layout
         self._gather()
         blocks = self.grads.view(k, lay.n_servers, -1)  # [k, S, P * E]

@@ -508,7 +508,7 @@ class LossyPSStrategy(DDPStrategy):
 
     def round_spec(self, round_index: int) -> RoundSpec:
         assert self._spec is not None, "the strategy is not set up"
-        spec = RoundSpec(**{**asdict(self._spec), "round": round_index})
+        spec = replace(self._spec, round=round_index)
         if self.adaptive_deadline and self.clock.deadline_s is not None:
             spec = replace(spec, deadline_s=self.clock.deadline_s)
         if spec.has_stragglers:  # they start late by parts of the compute time (reproducible: "flops" or fixed)

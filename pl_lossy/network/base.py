@@ -9,6 +9,7 @@ parallel, cached, recorded and replayed. Every model must make ``outcome(spec)``
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -104,11 +105,17 @@ class RoundSpec:
         return (self.n_servers, self.n_workers, self.packets_per_block)
 
     def local_pairs(self) -> np.ndarray:
-        """Boolean ``[n_workers, n_servers]``: True where worker i and server j share a host."""
-        local = np.zeros((self.n_workers, self.n_servers), dtype=bool)
-        if self.colocated_servers:
-            local[np.arange(self.n_servers), np.arange(self.n_servers)] = True
-        return local
+        """Boolean ``[n_workers, n_servers]``: True where worker i and server j share a host (read-only, shared)."""
+        return _local_pairs(self.n_workers, self.n_servers, self.colocated_servers)
+
+
+@functools.lru_cache(maxsize=64)  # asked several times a round, for the same few sizes
+def _local_pairs(n_workers: int, n_servers: int, colocated_servers: bool) -> np.ndarray:
+    local = np.zeros((n_workers, n_servers), dtype=bool)
+    if colocated_servers:
+        local[np.arange(n_servers), np.arange(n_servers)] = True
+    local.flags.writeable = False
+    return local
 
 
 @dataclass
