@@ -72,7 +72,7 @@ def parse_shape(d: Any) -> RoundShape:
     if not isinstance(d, dict):
         raise ProtocolError(f"a round must be a JSON object, got {type(d).__name__}")
     allowed = {"round", "n_workers", "n_servers", "packets_per_block", "packet_bytes", "colocated_servers", "transport", "deadline_s",
-               "start_offsets_ns"}
+               "start_offsets_ns", "down_workers"}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise ProtocolError(f"unknown round fields {unknown}")
@@ -94,6 +94,11 @@ def parse_shape(d: Any) -> RoundShape:
         if transport == "none":
             raise ProtocolError("round field 'start_offsets_ns' needs training traffic (transport 'udp' or 'tcp')")
         offsets = tuple(offsets)
+    down = d.get("down_workers")
+    if down is not None:
+        if not isinstance(down, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < MAX_HOSTS for x in down):
+            raise ProtocolError("round field 'down_workers' must be a list of worker indices or absent")
+        down = tuple(sorted(set(down)))
     shape = RoundShape(
         round=_int_field(d, "round", 0, 2**32 - 1),
         n_workers=_int_field(d, "n_workers", 1, MAX_HOSTS),
@@ -104,7 +109,10 @@ def parse_shape(d: Any) -> RoundShape:
         transport=transport,
         deadline_s=None if deadline is None else float(deadline),
         start_offsets_ns=offsets,
+        down_workers=down,
     )
+    if down is not None and down[-1] >= shape.n_workers:
+        raise ProtocolError(f"round field 'down_workers' names worker {down[-1]}; there are {shape.n_workers}")
     if offsets is not None and len(offsets) != shape.n_workers:
         raise ProtocolError(f"round field 'start_offsets_ns' must have one entry per worker ({shape.n_workers}), got {len(offsets)}")
     if colocated and shape.n_servers > shape.n_workers:
@@ -125,6 +133,7 @@ def shape_to_dict(shape: RoundShape) -> dict[str, Any]:
         "transport": shape.transport,
         **({} if shape.deadline_s is None else {"deadline_s": shape.deadline_s}),
         **({} if shape.start_offsets_ns is None else {"start_offsets_ns": list(shape.start_offsets_ns)}),
+        **({} if shape.down_workers is None else {"down_workers": list(shape.down_workers)}),
     }
 
 

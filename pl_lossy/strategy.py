@@ -28,6 +28,7 @@ from .aggregation import GRADIENT_RULES, check_aggregation
 from .compute import ComputeModel
 from .deadlines import next_deadline
 from .exchange import SIDE_FIELDS, RPSExchange
+from .failures import FrozenWorkers, check_failures, fail_outcome
 from .gradient_exchange import GradientExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
 from .replicas import BATCHING, WorkerReplicas
@@ -198,6 +199,9 @@ class LossyPSStrategy(DDPStrategy):
             With stragglers the uplink starts when the fastest worker is done and each worker's uplink when
             its own compute ends (the round waits for the slowest, or for ``deadline_s``). They need a
             reproducible compute time (``compute_time_s`` "flops" or seconds).
+        worker_failures: ``[[worker, first, last], ...]``: that worker is down for rounds ``first..last-1``: it
+            sends and receives nothing (nor does its co-located server) and its replica stays as it was
+            (parameters, optimizer state, buffers); then it rejoins (see :mod:`pl_lossy.failures`).
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
         record_trace: path of an ``.npz`` to which rank 0 records every round's outcome (replay it with
@@ -226,6 +230,7 @@ class LossyPSStrategy(DDPStrategy):
         deadline_slack: float = 1.25,
         compute_jitter: float = 0.0,
         slow_workers: Optional[dict[int, float]] = None,
+        worker_failures: Optional[list] = None,
         divergence_every: int = 50,
         record_trace: Optional[str] = None,
         log_metrics: bool = True,
@@ -268,6 +273,7 @@ class LossyPSStrategy(DDPStrategy):
             raise ValueError(f"deadline_slack must be a number >= 1 (the margin over the estimated time), got {deadline_slack!r}")
         self.adaptive_deadline, self.deadline_slack = adaptive_deadline, float(deadline_slack)
         self.compute_jitter, self.slow_workers = _check_stragglers(compute_jitter, slow_workers, self.compute)
+        self.worker_failures = check_failures(worker_failures)
         self.divergence_every = divergence_every
         self.log_metrics = log_metrics
         self.clock = SimClock()
@@ -282,6 +288,7 @@ class LossyPSStrategy(DDPStrategy):
         self._flop_counter: Optional[FlopCounterMode] = None  # counting the first round's steps (compute "flops")
         self._clip_patched = False
         self._mask_check = MaskAgreement()
+        self._frozen: Optional[FrozenWorkers] = None  # this round's down workers, undone after the step
 
     @property
     def n_workers(self) -> int:
@@ -308,7 +315,7 @@ class LossyPSStrategy(DDPStrategy):
         layout = self._layout(module, n_workers)
         return RoundSpec(0, n_workers, layout.n_servers, layout.packets_per_block, layout.packet_bytes, self.network.transport,
                          self.colocated_servers, deadline_s=self.deadline_s, compute_jitter=self.compute_jitter,
-                         slow_workers=self.slow_workers)
+                         slow_workers=self.slow_workers, worker_failures=self.worker_failures)
 
     def check_world_size(self, world_size: int) -> None:
         """Raise ValueError if this strategy cannot run on ``world_size`` processes (checked before launch)."""
@@ -438,8 +445,9 @@ class LossyPSStrategy(DDPStrategy):
         return shard_dataloader(dataloader, self.n_workers, self.global_rank, self.workers_per_device, seed)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._compute_start is None:
+        if self._compute_start is None:  # the round's first micro-batch
             self._compute_start = time.perf_counter()
+            self._freeze_down_workers()
         if self.compute.counting and self._flop_counter is None:
             # entered here and left in exchange_round: the round's every micro-batch, forward and backward
             self._flop_counter = FlopCounterMode(display=False)
@@ -476,10 +484,28 @@ class LossyPSStrategy(DDPStrategy):
                 self.exchange_round()
                 return result
 
-            return super().optimizer_step(optimizer, closure_then_round, model, **kwargs)
+            output = super().optimizer_step(optimizer, closure_then_round, model, **kwargs)
+            self._thaw_down_workers()
+            return output
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._thaw_down_workers()
         self.exchange_round()
         return output
+
+    def _freeze_down_workers(self) -> None:
+        """Before a round's step: keep this process's workers that are down this round as they are."""
+        if not self.worker_failures or self._replicas is None:
+            return
+        k = self.workers_per_device
+        rows = [w - self.first_worker for w in self.round_spec(self.clock.rounds).down_workers if 0 <= w - self.first_worker < k]
+        if rows:
+            tensors, _ = self._replicas.trained_tensors()
+            self._frozen = FrozenWorkers(tensors, self._replicas.all_buffers(self.lightning_module), self.optimizers, rows, stacked=k > 1)
+
+    def _thaw_down_workers(self) -> None:
+        frozen, self._frozen = self._frozen, None
+        if frozen is not None:
+            frozen.restore()
 
     def _stop_counting(self) -> None:
         counter, self._flop_counter = self._flop_counter, None
@@ -522,6 +548,11 @@ class LossyPSStrategy(DDPStrategy):
             self._stop_counting()
         spec = self.round_spec(self.clock.rounds)
         outcome = self._obtain_outcome(spec)
+        down_workers = spec.down_workers
+        if self.worker_failures:  # whatever the network did, a down worker's packets are lost (pl_lossy.failures)
+            up, down = outcome.up.copy(), outcome.down.copy()
+            fail_outcome(up, down, down_workers, spec.colocated_servers)
+            outcome = replace(outcome, up=up, down=down, stats={**outcome.stats, "workers_down": float(len(down_workers))})
         up = torch.from_numpy(outcome.up)
         down = torch.from_numpy(outcome.down)
         masks = mask_hash(outcome) if self.world_size > 1 else 0.0  # one process has no one to disagree with
@@ -534,7 +565,7 @@ class LossyPSStrategy(DDPStrategy):
         compute_s = self.compute.round_time_s(lambda: float(side[0].max()))
         if spec.has_stragglers:  # the uplink starts when the fastest worker is done; the network waits for the rest
             compute_s *= float(spec.compute_factors(self.network.seed).min())
-        self._sync_buffers()
+        self._sync_buffers(down_workers)
         delivered = outcome.delivered_fractions(spec)
         self.clock.advance(compute_s, outcome, delivered)
         if self.adaptive_deadline:
@@ -595,26 +626,35 @@ class LossyPSStrategy(DDPStrategy):
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
-    def _sync_buffers(self) -> None:
-        """Make module buffers equal over all workers, reliably (one collective per buffer dtype)."""
-        if self.sync_buffers == "none" or self.n_workers == 1:
+    def _sync_buffers(self, down_workers: tuple[int, ...] = ()) -> None:
+        """Make module buffers equal over all workers that are up, reliably (one collective per buffer dtype):
+        ``broadcast`` from the first worker up, ``average`` over the workers up; down workers keep theirs."""
+        up = [w for w in range(self.n_workers) if w not in down_workers]
+        if self.sync_buffers == "none" or len(up) <= 1:
             return
         assert self._replicas is not None and self.lightning_module is not None
-        k = self.workers_per_device
+        k, first = self.workers_per_device, self.first_worker
+        rows = [w - first for w in up if 0 <= w - first < k]  # this process's workers that are up
         buffers = self._replicas.all_buffers(self.lightning_module)  # each [k, ...]
         for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
             group = [b for b in buffers if b.dtype == dtype]
             flat = torch.cat([b.reshape(k, -1) for b in group], dim=1)
             if self.sync_buffers == "average" and dtype.is_floating_point:
-                synced = flat.sum(0)
+                synced = flat[rows].sum(0) if len(rows) < k else flat.sum(0)
                 self._all_reduce_sum(synced)
-                synced.div_(self.n_workers)
+                synced.div_(len(up))
             else:
-                synced = flat[0].clone()
+                source = up[0]
+                synced = flat[source % k].clone()
                 if self.world_size > 1:
-                    dist.broadcast(synced, src=0)
+                    dist.broadcast(synced, src=source // k)
             for b, part in zip(group, synced.split([b[0].numel() for b in group])):
-                b.copy_(part.view_as(b[0]).expand_as(b))
+                part = part.view_as(b[0])
+                if len(rows) == k:
+                    b.copy_(part.expand_as(b))
+                else:
+                    for row in rows:
+                        b[row].copy_(part)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -652,3 +652,32 @@ def test_a_stragglers_uplink_starts_late_and_with_a_deadline_only_it_loses_packe
     others = [w for w in range(8) if w != 3]
     assert bounded.up[others].all() and bounded.up_time_s == pytest.approx(2.5e-3)
     assert 0 < bounded.up[3, others].sum() < bounded.up[3, others].size  # the straggler's tail missed the deadline
+
+
+def test_a_down_worker_sends_and_receives_nothing_in_its_window_and_rejoins_after(bridge, tmp_path):
+    """Worker 2 down in rounds 1 and 2: no flow from or to it (nor its server) crosses the fabric; round 3 is whole again."""
+    config = NetworkConfig(link_rate="1Gbps", link_delay="10us", queue_packets=1000, loss_rate=0.0, seed=4)
+    shapes = [RoundShape(r, 6, 6, 10, 1400, down_workers=(2,) if r in (1, 2) else None) for r in range(4)]
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
+    others = [w for w in range(6) if w != 2]
+    for r in (1, 2):
+        out = forward[r]
+        assert not out.up[2, others].any() and not out.up[others, 2].any()  # it sends nothing; its server gets nothing
+        assert not out.down[2, others].any() and not out.down[others, 2].any()
+        assert out.up[2, 2].all() and out.down[2, 2].all()  # its own block stays its own
+        assert out.up[others][:, others].all() and out.down[others][:, others].all()  # the rest is untouched (no loss here)
+        # 5 hosts exchange among themselves: 5 x 4 flows a phase instead of 6 x 5
+        assert out.stats["packets_sent"] == 2 * 5 * 4 * 10
+    for r in (0, 3):
+        assert forward[r].up.all() and forward[r].down.all() and forward[r].stats["packets_sent"] == 2 * 6 * 5 * 10
+    for a, b in zip(forward, backward):  # the same whatever the order and the process
+        assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down) and a.up_time_s == b.up_time_s
+
+
+def test_down_workers_cross_the_wire_only_when_set_and_are_checked():
+    plain = RoundShape(0, 4, 4, 2, 1400)
+    assert "down_workers" not in protocol.shape_to_dict(plain)
+    failed = RoundShape(0, 4, 4, 2, 1400, down_workers=(1, 3))
+    assert protocol.parse_shape(protocol.shape_to_dict(failed)) == failed
+    with pytest.raises(protocol.ProtocolError, match="names worker 4"):
+        protocol.parse_shape({**protocol.shape_to_dict(plain), "down_workers": [4]})

@@ -9,6 +9,7 @@ two runs that differ only in how they train see the same background flows.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,7 @@ def flow_sizes(cfg: NetworkConfig, uniforms: np.ndarray) -> np.ndarray:
 
 def ideal_exchange_s(cfg: NetworkConfig, shape: RoundShape) -> float:
     """The round's learning traffic at line rate without loss: the busiest sender of each phase."""
-    pairs = shape.remote_pairs()
+    pairs = dataclasses.replace(shape, down_workers=None).remote_pairs()  # the tenants' load does not follow training's failures
     if not pairs:
         return 0.0
     up = max(sum(1 for i, _ in pairs if i == w) for w, _ in pairs)

@@ -33,6 +33,7 @@ class RoundShape:
     transport: str = "udp"  # one of TRANSPORTS
     deadline_s: float | None = None  # udp: each phase ends at the latest this long after it starts
     start_offsets_ns: tuple[int, ...] | None = None  # when each worker's uplink starts (stragglers), from the phase's start
+    down_workers: tuple[int, ...] | None = None  # workers (and their co-located servers) down this round: no flow from or to them
 
     @property
     def n_hosts(self) -> int:
@@ -50,12 +51,13 @@ class RoundShape:
         return 2 * (self.n_workers * self.n_servers - local) * self.packets_per_block
 
     def remote_pairs(self) -> list[tuple[int, int]]:
-        """(worker, server) pairs whose traffic crosses the network."""
+        """(worker, server) pairs whose traffic crosses the network (none from or to a host that is down)."""
+        down = set(self.down_workers or ())
         return [
             (i, j)
             for i in range(self.n_workers)
             for j in range(self.n_servers)
-            if not (self.colocated_servers and i == j)
+            if not (self.colocated_servers and i == j) and i not in down and not (self.colocated_servers and j in down)
         ]
 
 

@@ -39,6 +39,7 @@ class RoundSpec:
     compute_s: float = 0.0  # stragglers: the nominal compute time of a round...
     compute_jitter: float = 0.0  # ...each worker's drawn lognormal around it with this sigma (mean-preserving)...
     slow_workers: tuple[tuple[int, float], ...] = ()  # ...and (worker, factor): named slow workers
+    worker_failures: tuple[tuple[int, int, int], ...] = ()  # (worker, first, last): down for rounds [first, last)
 
     def __post_init__(self) -> None:
         if self.round < 0:
@@ -63,8 +64,16 @@ class RoundSpec:
         for worker, factor in self.slow_workers:
             if not 0 <= worker < self.n_workers or not factor > 0:
                 raise ValueError(f"slow worker {worker} with factor {factor}: workers are 0..{self.n_workers - 1}, factors > 0")
+        for worker, first, last in self.worker_failures:
+            if not 0 <= worker < self.n_workers or not 0 <= first < last:
+                raise ValueError(f"worker failure [{worker}, {first}, {last}]: workers are 0..{self.n_workers - 1}, rounds 0 <= first < last")
         if self.has_stragglers and self.transport == "none":
             raise ValueError("stragglers delay training traffic; transport='none' has none on the fabric")
+
+    @property
+    def down_workers(self) -> tuple[int, ...]:
+        """Workers down this round (``worker_failures``; see :mod:`pl_lossy.failures`)."""
+        return tuple(sorted({w for w, first, last in self.worker_failures if first <= self.round < last}))
 
     @property
     def has_stragglers(self) -> bool:

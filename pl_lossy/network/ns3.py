@@ -219,7 +219,7 @@ class Ns3Network(NetworkModel):
             self._settings = config_settings(self.config)
         shape = dataclasses.asdict(self._shape(spec, round_index))  # its stragglers' offsets are this round's
         del shape["round"]
-        for optional in ("deadline_s", "start_offsets_ns"):  # absent when unset: rounds stored before they existed still match
+        for optional in ("deadline_s", "start_offsets_ns", "down_workers"):  # absent when unset: rounds stored before they existed still match
             if shape[optional] is None:
                 del shape[optional]
         return round_key(self._settings, shape, round_index, simulator_identity())
@@ -229,11 +229,13 @@ class Ns3Network(NetworkModel):
         return self._store.summary() if self._store is not None else self._store_report
 
     def _shape(self, spec: RoundSpec, round_index: int) -> RoundShape:
-        offsets = dataclasses.replace(spec, round=round_index).start_offsets_s(self.config.seed)
+        this_round = dataclasses.replace(spec, round=round_index)
+        offsets = this_round.start_offsets_s(self.config.seed)
         return RoundShape(
             round_index, spec.n_workers, spec.n_servers, spec.packets_per_block, spec.packet_bytes,
             spec.colocated_servers, self.transport, spec.deadline_s,
             None if offsets is None else tuple(int(round(x * 1e9)) for x in offsets),
+            this_round.down_workers or None,
         )
 
     def prefetch(self, specs: Iterable[RoundSpec]) -> None:

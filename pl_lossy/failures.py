@@ -1,0 +1,130 @@
+"""Worker failures: a schedule of rounds in which a worker is down, and what a down worker does.
+
+A failure ``(w, first, last)`` takes worker ``w`` down for rounds ``first <= r < last``. A down worker
+sends and receives nothing: its uplink packets are lost and, with co-located servers, so is everything
+its server would receive or send (the other hosts learn of the failure and send it nothing; on ns-3
+those flows are not sent at all, so the fabric carries less). Whatever a network model returns, the
+round applies :func:`fail_outcome`, so every network honours the schedule the same way.
+
+Its replica is frozen: parameters, optimizer state and buffers stay as they were when the round began
+(:class:`FrozenWorkers`: the process still runs the worker's step, as one process runs every worker's,
+and undoes it). When the window ends the worker rejoins with that stale replica, and the next rounds
+average it back toward the others. A schedule is part of every round's spec, so a round's outcome
+stays a function of (network config, seed, round) with failures too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: A failure as the spec keeps it: (worker, first round down, first round up again).
+Failure = tuple[int, int, int]
+
+
+def check_failures(value: Any) -> tuple[Failure, ...]:
+    """``[[worker, first, last], ...]`` (or None) as sorted tuples; ValueError in one line if malformed.
+    Worker indices are checked against the worker count by :class:`~pl_lossy.network.RoundSpec`."""
+    if value is None:
+        return ()
+    try:
+        items = [tuple(item) for item in value]
+    except TypeError:
+        items = None
+    out = []
+    for item in items if items is not None else [value]:
+        if (items is None or len(item) != 3 or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in item)
+                or not (item[0] >= 0 and 0 <= item[1] < item[2])):
+            raise ValueError(
+                f"worker_failures must be a list of [worker, first_round, last_round] with worker >= 0 and 0 <= first < last "
+                f"(the worker is down for rounds first..last-1), got {value!r}"
+            )
+        out.append((int(item[0]), int(item[1]), int(item[2])))
+    return tuple(sorted(out))
+
+
+def fail_outcome(up: np.ndarray, down: np.ndarray, down_hosts: Sequence[int], colocated_servers: bool) -> None:
+    """Apply a round's failures to its masks in place: worker ``d`` down loses ``up[d, :, :]`` (it sends
+    nothing) and ``down[:, d, :]`` (it receives nothing); with co-located servers its server is down too:
+    ``up[:, d, :]`` and ``down[d, :, :]``. A co-located pair's own copies (``[d, d]``) never cross the
+    network and stay: the down worker keeps its own block, which is its frozen replica's."""
+    if not len(down_hosts):
+        return
+    d = np.asarray(down_hosts)
+    up[d] = False
+    down[:, d] = False
+    if colocated_servers:
+        servers = d[d < up.shape[1]]
+        up[:, servers] = False
+        down[servers] = False
+        up[servers, servers] = True
+        down[servers, servers] = True
+
+
+class FrozenWorkers:
+    """Some of a process's workers, kept as they are over one training step: built before the step
+    (copies their parameters, buffers and optimizer state), :meth:`restore` after it.
+
+    ``tensors``: the tensors optimizers step, stacked ``[k, ...]`` when ``stacked`` (several workers a
+    process), else one worker's own; ``rows``: the frozen workers among the ``k``. Optimizer state of a
+    stacked tensor is restored by rows where it has the tensor's shape (momentum, Adam's moments);
+    a scalar state shared by the rows (Adam's step count) moves on for all of them. State made by this
+    step is zeroed in the frozen rows (state an optimizer makes on its first step starts from zero).
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], buffers: Sequence[Tensor], optimizers: Sequence[torch.optim.Optimizer],
+                 rows: Sequence[int], stacked: bool) -> None:
+        self.rows = torch.as_tensor(list(rows), dtype=torch.long)
+        self.stacked = stacked
+        self.tensors = [t for t in tensors]
+        self.buffers = [b for b in buffers]  # each [k, ...] (one worker's: [1, ...])
+        self.optimizers = list(optimizers)
+        with torch.no_grad():
+            self._tensors = [self._take(t) for t in self.tensors]
+            self._buffers = [b[self.rows.to(b.device)].clone() for b in self.buffers]
+            self._state = {id(p): {name: self._take(v) if self._rows_of(p, v) else _copy(v) for name, v in opt.state[p].items()}
+                           for opt in self.optimizers for p in self._params(opt) if p in opt.state}
+
+    def _take(self, t: Tensor) -> Tensor:
+        return t[self.rows.to(t.device)].clone() if self.stacked else t.detach().clone()
+
+    def _rows_of(self, p: Tensor, value: Any) -> bool:
+        """Whether ``value`` is state of ``p`` laid out like it (restored by rows, or whole for one worker)."""
+        return isinstance(value, Tensor) and value.shape == p.shape
+
+    @staticmethod
+    def _params(opt: torch.optim.Optimizer) -> list[Tensor]:
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo the step for the frozen workers."""
+        for t, saved in zip(self.tensors, self._tensors):
+            self._put(t, saved)
+        for b, saved in zip(self.buffers, self._buffers):
+            b[self.rows.to(b.device)] = saved
+        for opt in self.optimizers:
+            for p in self._params(opt):
+                saved = self._state.get(id(p))
+                if not self.stacked:  # the process's one worker: its whole state, as it was
+                    if saved is None:
+                        opt.state.pop(p, None)
+                    else:
+                        opt.state[p] = saved
+                    continue
+                for name, value in opt.state.get(p, {}).items():
+                    if self._rows_of(p, value):  # shared scalars (a step count) move on
+                        value[self.rows.to(value.device)] = saved[name] if saved is not None and name in saved else 0
+
+    def _put(self, t: Tensor, saved: Tensor) -> None:
+        if self.stacked:
+            t[self.rows.to(t.device)] = saved
+        else:
+            t.copy_(saved)
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else value
