@@ -359,3 +359,18 @@ def test_mask_agreement_check_fails_on_a_mismatch_and_passes_on_agreement():
     check.submit(7, torch.tensor([5.0, 5.0]), 5.0)
     with pytest.raises(RuntimeError, match=r"round 8: the processes applied different masks \(hashes by process: \[5, 6\]\)"):
         check.submit(8, torch.tensor([5.0, 6.0]), 5.0)
+
+
+def test_replaying_a_trace_of_a_run_with_stragglers_gives_the_same_clock(tmp_path):
+    """The trace keeps the network's seed: the fastest worker's compute factor, drawn from it, is the recorded run's."""
+    trace = tmp_path / "t.npz"
+    kw = dict(compute_time_s=1e-3, compute_jitter=0.5)
+    model, dm = digits_model()
+    recorded = LossyPSStrategy(network=BernoulliNetwork(0.1, seed=7), record_trace=str(trace), **kw)
+    fit_in_process(recorded, model, dm, limit_train_batches=6, max_epochs=1)
+    model, dm = digits_model()
+    replayed = LossyPSStrategy(network=TraceNetwork(trace), **kw)
+    fit_in_process(replayed, model, dm, limit_train_batches=6, max_epochs=1)
+    assert replayed.network.seed == 7
+    assert replayed.clock.compute_time_s == pytest.approx(recorded.clock.compute_time_s) != pytest.approx(6e-3)
+    assert replayed.clock.sim_time_s == pytest.approx(recorded.clock.sim_time_s)

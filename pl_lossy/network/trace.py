@@ -24,7 +24,7 @@ class TraceRecorder(NetworkModel):
     """Wraps a network model and remembers every outcome it gives; ``close()`` writes them to ``path``.
 
     The file is an ``.npz``: ``rounds`` [R], packed ``up``/``down`` bits [R, bytes], ``up_time_s``,
-    ``down_time_s`` [R] and the round sizes as JSON (``spec``). Stats are not recorded.
+    ``down_time_s`` [R], the round sizes as JSON (``spec``) and the network's ``seed``. Stats are not recorded.
     """
 
     def __init__(self, network: NetworkModel, path: str | os.PathLike) -> None:
@@ -69,6 +69,7 @@ class TraceRecorder(NetworkModel):
             up_time_s=np.asarray([o.up_time_s for o in outs]),
             down_time_s=np.asarray([o.down_time_s for o in outs]),
             spec=np.asarray(json.dumps(self._spec)),
+            seed=np.asarray(self.seed, dtype=np.int64),  # what stragglers' compute times were drawn from
         )
         return self.path
 
@@ -102,6 +103,10 @@ class TraceNetwork(NetworkModel):
     @property
     def transport(self) -> str:  # the recorded run's
         return self._load()["spec"]["transport"]
+
+    @property
+    def seed(self) -> int:  # the recorded run's network seed (stragglers' compute times are drawn from it); 0 in older traces
+        return int(self._load().get("seed", 0))
 
     @property
     def rounds(self) -> np.ndarray:
