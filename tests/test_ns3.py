@@ -681,3 +681,67 @@ def test_down_workers_cross_the_wire_only_when_set_and_are_checked():
     assert protocol.parse_shape(protocol.shape_to_dict(failed)) == failed
     with pytest.raises(protocol.ProtocolError, match="names worker 4"):
         protocol.parse_shape({**protocol.shape_to_dict(plain), "down_workers": [4]})
+
+
+def test_a_cut_host_link_loses_everything_it_carries_in_its_window_and_carries_again_after(bridge, tmp_path):
+    config = NetworkConfig(link_rate="1Gbps", link_delay="10us", queue_packets=1000, seed=5, link_failures=[["host:2", 1, 3]])
+    shapes = [RoundShape(r, 5, 5, 8, 1400) for r in range(4)]
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
+    others = [0, 1, 3, 4]
+    for r in (1, 2):
+        out = forward[r]
+        assert not out.up[2, others].any() and not out.up[others, 2].any()  # sent, and lost on the cut link
+        assert not out.down[2, others].any() and not out.down[others, 2].any()
+        assert out.up[np.ix_(others, others)].all() and out.down[np.ix_(others, others)].all()
+        assert out.stats["packets_sent"] == forward[0].stats["packets_sent"]  # the senders do not know
+        assert out.stats["drops_link_error"] == 2 * 2 * 4 * 8  # both phases, both directions, 4 peers, 8 packets
+    for r in (0, 3):
+        assert forward[r].up.all() and forward[r].down.all() and forward[r].stats["drops_link_error"] == 0
+    for a, b in zip(forward, backward):
+        assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down) and a.up_time_s == b.up_time_s
+
+
+def test_a_cut_leaf_spine_link_loses_the_packets_ecmp_sends_over_it_and_no_others(bridge):
+    config = NetworkConfig(topology="leaf_spine", hosts_per_leaf=2, n_spines=2, link_rate="1Gbps", link_delay="5us",
+                           queue_packets=1000, seed=6, link_failures=[["leaf:0-spine:1", 1, 2]])
+    whole, cut = simulate(bridge, config, [RoundShape(0, 4, 4, 40, 1400), RoundShape(1, 4, 4, 40, 1400)])
+    assert whole.up.all() and whole.down.all()
+    rack = {0: 0, 1: 0, 2: 1, 3: 1}
+    for i in range(4):
+        for j in range(4):
+            if rack[i] == rack[j]:  # within a rack: no spine on the way
+                assert cut.up[i, j].all() and cut.down[j, i].all()
+            else:  # across: every packet sprayed over spine 1 on leaf 0's side is lost, about half
+                assert 0.25 < cut.up[i, j].mean() < 0.75 and 0.25 < cut.down[j, i].mean() < 0.75
+
+
+def test_link_failures_are_checked_before_anything_runs():
+    with pytest.raises(ValueError, match="link_failures must be a list of \\[link, first_round, last_round\\]"):
+        NetworkConfig(link_failures=[["leaf:0-spine:0", 0, 2]])  # a star has no spines
+    from ns3_bridge.sim.topology import link_ends
+
+    with pytest.raises(ValueError, match="no link 'host:7': this fabric has hosts 0..3"):
+        link_ends(NetworkConfig(link_failures=[["host:7", 0, 2]]), 4, "host:7")
+    leaf_spine = NetworkConfig(topology="leaf_spine", hosts_per_leaf=2, n_spines=2)
+    with pytest.raises(ValueError, match="leaves 0..1 and spines 0..1"):
+        link_ends(leaf_spine, 4, "leaf:0-spine:2")
+    from pl_lossy.network import Ns3Network, RoundSpec
+
+    network = Ns3Network(link_failures=[["host:2", 3, 5]], store="off")  # the store key: only the rounds it cuts differ
+    spec = RoundSpec(0, 4, 4, 2)
+    assert network._key(spec, 2) == Ns3Network(store="off")._key(spec, 2) != network._key(spec, 3)
+    with pytest.raises(ValueError, match="no link 'host:4'"):
+        Ns3Network(link_failures=[["host:4", 3, 5]]).check_round(spec)
+
+
+def test_a_cut_leaf_spine_link_with_rerouting_loses_nothing_the_other_spine_carries_it_and_slower(bridge, tmp_path):
+    config = NetworkConfig(topology="leaf_spine", hosts_per_leaf=2, n_spines=2, link_rate="1Gbps", link_delay="5us",
+                           queue_packets=1000, seed=6, link_failures=[["leaf:0-spine:1", 1, 2]], link_failure_reroute=True)
+    shapes = [RoundShape(r, 4, 4, 40, 1400) for r in range(3)]
+    forward, backward = in_order_and_reversed_elsewhere(bridge, tmp_path, config, shapes)
+    whole, rerouted, after = forward
+    assert all(out.up.all() and out.down.all() and out.stats["drops_link_error"] == 0 for out in forward)
+    assert rerouted.up_time_s > 1.2 * whole.up_time_s  # leaf 0's traffic shares one spine
+    assert after.up_time_s == pytest.approx(whole.up_time_s, rel=0.02)  # the routes are back
+    for a, b in zip(forward, backward):
+        assert a.up_time_s == b.up_time_s and a.down_time_s == b.down_time_s

@@ -12,6 +12,10 @@ ERROR_MODELS = ("rate", "burst", "gilbert_elliott")
 QUEUE_DISCS = ("none", "fifo")
 FLOW_SIZE_DISTRIBUTIONS = ("web_search",)
 LEARNING_TOS = 0x20  # DSCP CS1, the "scavenger" class: what the learning class matches on
+#: Links a failure can cut, by topology: a host's access link (host h: training workers, then dedicated
+#: servers, then tenant-only hosts), or on a leaf-spine a leaf's link to a spine.
+LINK_NAMES = {"star": re.compile(r"host:(\d+)"), "leaf_spine": re.compile(r"host:(\d+)|leaf:(\d+)-spine:(\d+)")}
+LINK_EXAMPLES = {"star": "'host:H'", "leaf_spine": "'host:H' or 'leaf:L-spine:S'"}
 TCP_VARIANTS = {"cubic": "ns3::TcpCubic", "newreno": "ns3::TcpNewReno", "bic": "ns3::TcpBic", "vegas": "ns3::TcpVegas"}
 
 def _rate_units() -> dict[str, float]:
@@ -91,6 +95,9 @@ class NetworkConfig:
     priority and a buffer of ``learning_queue_packets`` at every port (see ``learning_class.hpp``).
     ``source_drop_rate`` drops that fraction of learning packets at their senders, before they use
     any link: the paper's "learning traffic allowed to drop" (see ``round_engine.hpp``).
+    ``link_failures`` cuts links for windows of rounds: every packet that reaches a cut link is lost; with
+    ``link_failure_reroute`` a cut leaf-spine link also leaves the routes, so the fabric carries the
+    traffic over the other spines (the state after routing converged).
 
     Rates are given as ``"10Gbps"`` or bits/s and stored in bits/s; times as ``"10us"`` or seconds
     and stored in seconds.
@@ -129,6 +136,8 @@ class NetworkConfig:
     learning_class: bool = False  # learning packets: lowest priority and a buffer of their own at every port
     learning_queue_packets: Any = None  # learning_class: the learning band's buffer per port (None: the port's)
     source_drop_rate: float = 0.0  # learning packets a sender drops before they enter the fabric (see round_engine.hpp)
+    link_failures: Any = ()  # [[link, first, last], ...]: that link is cut for rounds first..last-1 (see LINK_NAMES)
+    link_failure_reroute: bool = False  # leaf_spine: a cut leaf-spine link also leaves the routes (ECMP over the other spines)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -176,6 +185,38 @@ class NetworkConfig:
         object.__setattr__(self, "burst_packets", int(self.burst_packets))
         object.__setattr__(self, "seed", int(self.seed))
         self._check_background()
+        self._check_link_failures()
+
+    def _check_link_failures(self) -> None:
+        try:
+            items = [tuple(item) for item in (self.link_failures or ())]
+        except TypeError:
+            items = None
+        out = []
+        for item in items if items is not None else [None]:
+            ok = (item is not None and len(item) == 3 and isinstance(item[0], str) and all(
+                not isinstance(x, bool) and isinstance(x, int) for x in item[1:]) and 0 <= item[1] < item[2])
+            match = LINK_NAMES.get(self.topology).fullmatch(item[0]) if ok else None
+            if match is None:
+                raise ValueError(
+                    f"link_failures must be a list of [link, first_round, last_round] with 0 <= first < last, the link named "
+                    f"{LINK_EXAMPLES[self.topology]} on topology={self.topology!r}; got {self.link_failures!r}"
+                )
+            out.append((item[0], int(item[1]), int(item[2])))
+        object.__setattr__(self, "link_failures", tuple(sorted(out)))
+        if not isinstance(self.link_failure_reroute, bool):
+            raise ValueError(f"link_failure_reroute must be true or false, got {self.link_failure_reroute!r}")
+        if self.link_failure_reroute and (self.topology != "leaf_spine" or self.n_spines < 2):
+            raise ValueError("link_failure_reroute needs another path: topology=leaf_spine with n_spines >= 2")
+        for leaf in {name.split("-")[0] for name, _, _ in self.link_failures if name.startswith("leaf:")}:
+            for r in sorted({first for name, first, _ in self.link_failures if name.startswith(leaf + "-")}):
+                if len([n for n in self.links_down(r) if n.startswith(leaf + "-")]) >= self.n_spines:
+                    raise ValueError(f"link_failures cut every spine link of {leaf} in round {r}: its hosts would be cut off; "
+                                     "cut their host links instead")
+
+    def links_down(self, round_index: int) -> tuple[str, ...]:
+        """The links cut in round ``round_index`` (``link_failures``)."""
+        return tuple(sorted({name for name, first, last in self.link_failures if first <= round_index < last}))
 
     def _check_placement(self) -> None:
         if isinstance(self.placement, str):

@@ -5,7 +5,9 @@ uplink packet or transfer is resolved), plus the round's background flows (other
 one run of the simulator that lasts until every event drains, so every round starts from empty
 queues. Before each round the RNG run is set from the round index and every error model gets fresh
 streams, and the background flows are drawn from (seed, round), so a round's outcome depends only
-on (settings, seed, round), whichever rounds this process simulated before.
+on (settings, seed, round), whichever rounds this process simulated before. Links the settings'
+``link_failures`` cut in a round destroy every packet that reaches them (or, with
+``link_failure_reroute``, leave the routes); workers a round names down send and receive nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .background import background_flows
 from .config import LEARNING_TOS, TCP_VARIANTS, NetworkConfig
 from .round import RoundShape, SimulatedRound
 from .loader import load_ns
-from .topology import build_topology
+from .topology import build_topology, link_ends
 
 PORT = 9000  # training traffic (UDP datagrams or TCP transfers)
 BACKGROUND_PORT = 9100  # background flows' listeners
@@ -78,7 +80,73 @@ class RoundSimulator:
             self.engine.WatchTrafficControl(node)
         for disc in self.topology.queue_discs:
             self.engine.WatchQueueDisc(disc)
+        # made with the topology, in the config's order, so every process creates the same objects (ns-3's
+        # automatic random streams are numbered in creation order)
+        self.cuts = {}
+        self._rerouted: set = set()  # fabric links whose interfaces are down (link_failure_reroute)
+        for name, _, _ in cfg.link_failures:
+            try:
+                self.cuts[name] = self._cut_ends(name, n_hosts + cfg.background_hosts)
+            except ValueError:  # not on a fabric this small (the warm-up's): a round that cuts it fails in _cut_links
+                pass
         self._n_hosts = n_hosts
+
+    def _cut_ends(self, name: str, n_hosts: int) -> list:
+        """A link's two receiving ends as (device, its usual error model or None, a model that destroys everything)."""
+        ns, topology = self.ns, self.topology
+        kind, a, b = link_ends(self.config, n_hosts, name)
+        if kind == "host":
+            ends = [(topology.host_devices[a], self.error_models[a]), (topology.switch_devices[a], None)]
+        else:
+            leaf_dev, spine_dev = topology.fabric_links[a, b]
+            ends = [(leaf_dev, None), (spine_dev, None)]
+        out = []
+        for dev, usual in ends:
+            cut = ns.CreateObject[ns.RateErrorModel]()
+            cut.SetAttribute("ErrorRate", ns.DoubleValue(1.0))
+            cut.SetAttribute("ErrorUnit", ns.StringValue("ERROR_UNIT_PACKET"))
+            if usual is None:  # a switch port: no error model of its own; the cut one stays, enabled only when cut
+                cut.Disable()
+                dev.SetAttribute("ReceiveErrorModel", ns.PointerValue(cut))
+                self.engine.WatchLinkErrors(dev)  # its drops must resolve learning packets too
+            out.append((dev, usual, cut))
+        return out
+
+    def _cut_links(self, round_index: int) -> None:
+        """The links ``link_failures`` cuts this round destroy every packet that reaches them; the others are as configured."""
+        down = set(self.config.links_down(round_index))
+        missing = sorted(down - set(self.cuts))
+        if missing:
+            raise ValueError(f"round {round_index} cuts links {missing}, which this fabric of {self._n_hosts} training hosts does not have")
+        if self.config.link_failure_reroute:
+            self._reroute({name for name in down if name.startswith("leaf:")})
+        for name, ends in self.cuts.items():
+            for dev, usual, cut in ends:
+                if usual is None and name in down:
+                    cut.Enable()
+                elif usual is None:
+                    cut.Disable()
+                else:  # a host's interface: the cut model in place of its own error model
+                    dev.SetAttribute("ReceiveErrorModel", self.ns.PointerValue(cut if name in down else usual))
+
+    def _reroute(self, fabric_links: set) -> None:
+        """Take ``fabric_links``' interfaces down (and every other cut link's up) and recompute the global routes when
+        that changes anything: the routes are a function of which links are down, whatever rounds came before."""
+        if fabric_links == self._rerouted:
+            return
+        ns = self.ns
+        for name, ends in self.cuts.items():
+            if name.startswith("leaf:") and (name in fabric_links) != (name in self._rerouted):
+                for dev, _, _ in ends:
+                    ipv4 = dev.GetNode().GetObject[ns.Ipv4]()
+                    interface = ipv4.GetInterfaceForDevice(dev)
+                    if name in fabric_links:
+                        ipv4.SetDown(interface)
+                    else:
+                        ipv4.SetUp(interface)
+        ns.Ipv4GlobalRoutingHelper.RecomputeRoutingTables()
+        self._rerouted = set(fabric_links)
+
     def _error_model(self):
         ns, cfg = self.ns, self.config
         if cfg.error_model == "rate":
@@ -140,6 +208,7 @@ class RoundSimulator:
 
     def simulate(self, shape: RoundShape) -> SimulatedRound:
         self._ensure_topology(shape.n_hosts)
+        self._cut_links(shape.round)
         self._start_round(shape.round)
         training = self._start_training(shape)
         fct = self._start_background(shape)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import LEARNING_TOS, NetworkConfig
+from .config import LEARNING_TOS, LINK_NAMES, NetworkConfig
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Topology:
     queue_discs: list = field(default_factory=list)  # every port's disc (queue_disc="fifo" or learning_class)
     leaf_of_host: list = field(default_factory=list)  # leaf_spine: which leaf each host hangs from
     spine_ports: list = field(default_factory=list)  # leaf_spine: per spine, its ports towards the leaves
+    fabric_links: dict = field(default_factory=dict)  # leaf_spine: (leaf, spine) -> (leaf's device, spine's device)
 
 
 class _Links:
@@ -162,14 +163,35 @@ def build_leaf_spine(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:
         switch_devices.append(leaf_dev)
         host_addresses.append(address)
     spine_ports = [[] for _ in range(cfg.n_spines)]
+    links = {}
     for leaf in range(n_leaves):
         for spine in range(cfg.n_spines):
             leaf_dev, spine_dev, _ = build.connect(fabric_links, leaves.Get(leaf), spines.Get(spine), cfg.fabric_queue_packets)
             switch_devices += [leaf_dev, spine_dev]
             spine_ports[spine].append(spine_dev)
+            links[leaf, spine] = (leaf_dev, spine_dev)
     discs = build.finish()
     switches = [leaves.Get(i) for i in range(n_leaves)] + [spines.Get(i) for i in range(cfg.n_spines)]
-    return Topology(hosts, switches, host_devices, switch_devices, host_addresses, discs, leaf_of_host, spine_ports)
+    return Topology(hosts, switches, host_devices, switch_devices, host_addresses, discs, leaf_of_host, spine_ports, links)
+
+
+def link_ends(cfg: NetworkConfig, n_hosts: int, name: str) -> tuple[str, int, int]:
+    """A link's name (``NetworkConfig.link_failures``) checked against the fabric of ``n_hosts`` hosts (tenant-only
+    hosts included): ``("host", h, 0)`` or ``("leaf", leaf, spine)``; ValueError in one line if there is no such link."""
+    match = LINK_NAMES[cfg.topology].fullmatch(name)
+    if match is None:
+        raise ValueError(f"link_failures: no link {name!r} on topology={cfg.topology!r}")
+    if name.startswith("host:"):
+        host = int(match.group(1))
+        if host >= n_hosts:
+            raise ValueError(f"link_failures: no link {name!r}: this fabric has hosts 0..{n_hosts - 1} "
+                             "(training workers, then dedicated servers, then background_hosts)")
+        return "host", host, 0
+    leaf, spine = int(match.group(2)), int(match.group(3))
+    n_leaves = max(place_hosts(cfg, n_hosts)) + 1
+    if leaf >= n_leaves or spine >= cfg.n_spines:
+        raise ValueError(f"link_failures: no link {name!r}: this fabric has leaves 0..{n_leaves - 1} and spines 0..{cfg.n_spines - 1}")
+    return "leaf", leaf, spine
 
 
 def build_topology(ns: Any, cfg: NetworkConfig, n_hosts: int) -> Topology:

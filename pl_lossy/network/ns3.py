@@ -15,6 +15,7 @@ from ns3_bridge.client import BridgeClient, BridgeError
 from ns3_bridge.lifetime import private_ipc_endpoint
 from ns3_bridge.sim.config import NetworkConfig
 from ns3_bridge.sim.round import SIM_PACKETS_PER_S, TRANSPORTS, RoundShape, packet_budget
+from ns3_bridge.sim.topology import link_ends
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
 from .outcome_store import OutcomeStore, config_settings, resolve_path, round_key, simulator_identity
@@ -176,7 +177,10 @@ class Ns3Network(NetworkModel):
                  self.sim_workers, self.run_ahead, cores, training)
 
     def check_round(self, spec: RoundSpec) -> None:
-        packets = self._shape(spec, spec.round).training_packets
+        shape = self._shape(spec, spec.round)
+        for name, _, _ in self.config.link_failures:
+            link_ends(self.config, shape.n_hosts + self.config.background_hosts, name)
+        packets = shape.training_packets
         if packets > self.max_round_packets:
             raise ValueError(
                 f"a round of {spec.n_workers} workers x {spec.n_servers} servers x {spec.packets_per_block} packets a block is "
@@ -217,11 +221,15 @@ class Ns3Network(NetworkModel):
     def _key(self, spec: RoundSpec, round_index: int) -> str:
         if self._settings is None:
             self._settings = config_settings(self.config)
+            del self._settings["link_failures"]  # a round keys on the links cut in it (below): other rounds keep their keys
         shape = dataclasses.asdict(self._shape(spec, round_index))  # its stragglers' offsets are this round's
         del shape["round"]
         for optional in ("deadline_s", "start_offsets_ns", "down_workers"):  # absent when unset: rounds stored before they existed still match
             if shape[optional] is None:
                 del shape[optional]
+        links_down = self.config.links_down(round_index)
+        if links_down:
+            shape["links_down"] = list(links_down)
         return round_key(self._settings, shape, round_index, simulator_identity())
 
     def store_summary(self) -> Optional[dict[str, Any]]:
