@@ -16,6 +16,13 @@ background flows:
                   of the last one, with a margin (``strategy.adaptive_deadline``, pl_lossy/deadlines.py),
                   starting at and capped by --adaptive-cap
 
+and, with ``--failure W:A:B`` (worker W out for rounds A..B-1), two more:
+
+  rps, worker W down    its process fails (``strategy.worker_failures``): it and its server send and
+                        receive nothing, its replica is frozen, it rejoins at round B
+  rps, host:W cut       its access link is cut (``network.link_failures``): every packet it sends or
+                        should receive is lost, while it keeps training on its own
+
 and prints one table: final accuracy, simulated time to --target accuracy, round time (p50 and p99 of
 the simulated time each round took: compute, uplink, downlink), learning packets delivered, and the
 packets lost to the deadline; writes compare.md/.csv, compare.png and rounds.png (round-time
@@ -41,6 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, nargs="+", default=[0.004], help="deadlines to try, seconds per phase")
     p.add_argument("--adaptive-cap", type=float, default=0.01, help="the adaptive deadline's first value and cap, seconds (0: no adaptive run)")
     p.add_argument("--compute-time-s", type=float, default=0.002, help="simulated compute per round of a normal worker")
+    p.add_argument("--failure", default=None, help="also run with worker W down, and with its link cut, for rounds A..B-1: W:A:B")
     p.add_argument("--target", type=float, default=0.9, help="validation accuracy to reach")
     p.add_argument("--out", type=Path, default=Path("outputs/deadline_compare"))
     args = p.parse_args(argv)
@@ -51,6 +59,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--slow must be worker:factor, e.g. 3:2, got {args.slow!r}")
     if not args.slow[1] > 0 or any(not d > 0 for d in args.deadline) or not args.compute_time_s > 0 or args.adaptive_cap < 0:
         p.error("the straggler's factor, every --deadline and --compute-time-s must be > 0 (--adaptive-cap >= 0)")
+    if args.failure is not None:
+        try:
+            w, a, b = (int(x) for x in args.failure.split(":"))
+        except ValueError:
+            p.error(f"--failure must be worker:first:last rounds, e.g. 3:40:120, got {args.failure!r}")
+        if not (w >= 0 and 0 <= a < b):
+            p.error(f"--failure {args.failure}: the worker must be >= 0 and 0 <= first < last")
+        args.failure = (w, a, b)
     if not 0 < args.target <= 1:
         p.error(f"--target must be an accuracy in (0, 1], got {args.target}")
     return args
@@ -77,11 +93,16 @@ def main() -> None:
     ways.update({f"rps+deadline {d * 1e3:g}ms": ["network.transport=udp", f"strategy.deadline_s={d}"] for d in args.deadline})
     if args.adaptive_cap:
         ways["rps+adaptive"] = ["network.transport=udp", f"strategy.deadline_s={args.adaptive_cap}", "strategy.adaptive_deadline=true"]
-    results = {name: run_main_job(HERE / "train.py", args.out / name.replace(" ", "_").replace("+", "_"), [*common, *extra], name)
+    if args.failure is not None:
+        w, a, b = args.failure
+        ways[f"rps, worker {w} down"] = ["network.transport=udp", f"strategy.worker_failures=[[{w},{a},{b}]]"]
+        ways[f"rps, host:{w} cut"] = ["network.transport=udp", f'network.link_failures=[["host:{w}",{a},{b}]]']
+    results = {name: run_main_job(HERE / "train.py", args.out / "".join(c if c.isalnum() else "_" for c in name), [*common, *extra], name)
                for name, extra in ways.items()}
     table, _ = compare([r.run_dir for r in results.values()], out=args.out, target=args.target)
     print(table)
-    print(f"\nworker {worker} computes {factor:g}x as long as the others ({args.compute_time_s * 1e3:g} ms):")
+    failure = "" if args.failure is None else f"; worker {args.failure[0]} out for rounds {args.failure[1]}..{args.failure[2] - 1} where named"
+    print(f"\nworker {worker} computes {factor:g}x as long as the others ({args.compute_time_s * 1e3:g} ms){failure}:")
     print("| way | val_acc | sim time to target | round p50 | round p99 | learning packets delivered | lost to the deadline a round "
           "| deadline (last round) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -268,13 +268,16 @@ def test_paper_network_driver_sweeps_learning_drops_and_reports_the_web_service(
 
 def test_deadline_compare_bounds_the_rounds_a_straggler_would_stretch(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "deadline_compare.py"), "--deadline", "0.003", "--adaptive-cap", "0", "--out", str(tmp_path / "dl"),
-           "--", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
+           "--failure", "3:1:3", "--", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
-             if line.startswith(("| tcp |", "| rps |", "| rps+deadline 3ms |"))]
+             if line.startswith(("| tcp |", "| rps |", "| rps+deadline 3ms |", "| rps, worker 3 down |", "| rps, host:3 cut |"))]
     rows = {row[0]: row for row in cells}
-    assert set(rows) == {"tcp", "rps", "rps+deadline 3ms"}
+    assert set(rows) == {"tcp", "rps", "rps+deadline 3ms", "rps, worker 3 down", "rps, host:3 cut"}
+    # worker 3 out for rounds 1 and 2 of 4: its flows are not sent (down) or lost on its cut link
+    assert float(rows["rps, worker 3 down"][5]) < float(rows["rps"][5]) and float(rows["rps, host:3 cut"][5]) < float(rows["rps"][5])
+    rows = {way: rows[way] for way in ("tcp", "rps", "rps+deadline 3ms")}
     p99 = {way: float(row[4].split()[0]) for way, row in rows.items()}
     # compute 2 ms, then each phase cut at 3 ms: no round longer than 8 ms; without the deadline the straggler stretches them
     assert p99["rps+deadline 3ms"] <= 8.0 + 1e-6 < p99["rps"] < p99["tcp"]
