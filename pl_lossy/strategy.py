@@ -497,7 +497,8 @@ class LossyPSStrategy(DDPStrategy):
         if not self.worker_failures or self._replicas is None:
             return
         k = self.workers_per_device
-        rows = [w - self.first_worker for w in self.round_spec(self.clock.rounds).down_workers if 0 <= w - self.first_worker < k]
+        down = replace(self._spec, round=self.clock.rounds).down_workers  # not round_spec: it may need the compute time, counted later
+        rows = [w - self.first_worker for w in down if 0 <= w - self.first_worker < k]
         if rows:
             tensors, _ = self._replicas.trained_tensors()
             self._frozen = FrozenWorkers(tensors, self._replicas.all_buffers(self.lightning_module), self.optimizers, rows, stacked=k > 1)
@@ -629,8 +630,10 @@ class LossyPSStrategy(DDPStrategy):
     def _sync_buffers(self, down_workers: tuple[int, ...] = ()) -> None:
         """Make module buffers equal over all workers that are up, reliably (one collective per buffer dtype):
         ``broadcast`` from the first worker up, ``average`` over the workers up; down workers keep theirs."""
+        if self.sync_buffers == "none":
+            return
         up = [w for w in range(self.n_workers) if w not in down_workers]
-        if self.sync_buffers == "none" or len(up) <= 1:
+        if len(up) <= 1:
             return
         assert self._replicas is not None and self.lightning_module is not None
         k, first = self.workers_per_device, self.first_worker

@@ -120,3 +120,11 @@ def test_a_worker_out_of_range_fails_before_launch():
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.0), worker_failures=[[4, 0, 3]])
     with pytest.raises(ValueError, match="worker failure \\[4, 0, 3\\]: workers are 0..3"):
         strategy.network.check_round(strategy.round_spec_for(model, 4))
+
+
+def test_failures_with_stragglers_and_a_counted_compute_time_train():
+    """The freeze asks which workers are down before the first step's FLOPs are counted (stragglers need them later)."""
+    model, dm = digits_model()
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.0), workers_per_device=2, worker_failures=[[1, 0, 2]], slow_workers={0: 2.0})
+    fit_in_process(strategy, model, dm, limit_train_batches=3, max_epochs=1)
+    assert strategy.clock.rounds == 3 and strategy.last_round.stats["workers_down"] == 0
