@@ -96,15 +96,19 @@ def test_a_down_process_worker_is_frozen_in_its_window_and_rejoins_after(tmp_pat
     assert not torch.equal(before(zero, 9), before(one, 9))
 
 
+class Rows(pl.Callback):
+    """Every round's replicas ([k, row]), buffers (each [k, ...]) and count of workers down."""
+
+    def __init__(self):
+        self.rows, self.buffers, self.down = [], [], []
+
+    def on_round_end(self, trainer, strategy):
+        self.rows.append(strategy.replicas.rows.detach().clone())
+        self.buffers.append([b.detach().clone() for b in strategy.replicas.all_buffers(trainer.lightning_module)])
+        self.down.append(strategy.last_round.stats["workers_down"])
+
+
 def test_virtual_workers_freeze_by_rows_and_the_rounds_report_who_is_down():
-    class Rows(pl.Callback):
-        def __init__(self):
-            self.rows, self.down = [], []
-
-        def on_round_end(self, trainer, strategy):
-            self.rows.append(strategy.replicas.rows.detach().clone())
-            self.down.append(strategy.last_round.stats["workers_down"])
-
     model, dm = digits_model(momentum=0.9)
     rows = Rows()
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.1, seed=2), workers_per_device=3, worker_failures=[[2, 2, 5]], compute_time_s=1e-3)
@@ -128,3 +132,28 @@ def test_failures_with_stragglers_and_a_counted_compute_time_train():
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.0), workers_per_device=2, worker_failures=[[1, 0, 2]], slow_workers={0: 2.0})
     fit_in_process(strategy, model, dm, limit_train_batches=3, max_epochs=1)
     assert strategy.clock.rounds == 3 and strategy.last_round.stats["workers_down"] == 0
+
+
+if torch.cuda.is_available():  # collected only where there is a GPU (run them there: pytest -k cuda)
+    import functools
+
+    from pl_lossy.data import SyntheticDataModule
+    from pl_lossy.models import Classifier, ResNet20
+
+    @pytest.mark.parametrize("batching", ["vmap", "cuda_graph"])
+    def test_cuda_virtual_workers_freeze_a_down_worker_and_its_batchnorm_statistics(batching):
+        """On the GPU, eager and replayed from CUDA graphs: worker 2's replica and BatchNorm statistics stand still in
+        its window while the others train and share theirs; after it, it trains again."""
+        pl.seed_everything(0, verbose=False)
+        dm = SyntheticDataModule(n_samples=256, input_shape=(3, 8, 8), batch_size=8)
+        model = Classifier(functools.partial(ResNet20, width=4), dm.input_shape, dm.num_classes, momentum=0.9)
+        rows = Rows()
+        strategy = LossyPSStrategy(network=BernoulliNetwork(0.1, seed=1), workers_per_device=4, batching=batching, start_method="popen",
+                                   compute_time_s=0.0, worker_failures=[[2, 2, 5]])
+        fit_in_process(strategy, model, dm, "gpu", max_steps=7, limit_val_batches=0, callbacks=[rows])
+        assert strategy.replicas.mode == batching and rows.down == [0, 0, 1, 1, 1, 0, 0]
+        for r in (2, 3, 4):
+            assert torch.equal(rows.rows[r][2], rows.rows[1][2]) and not torch.equal(rows.rows[r][0], rows.rows[r - 1][0])
+            assert all(torch.equal(b[2], b1[2]) for b, b1 in zip(rows.buffers[r], rows.buffers[1]))
+            assert any(not torch.equal(b[0], b1[0]) for b, b1 in zip(rows.buffers[r], rows.buffers[1]) if b.is_floating_point())
+        assert not torch.equal(rows.rows[5][2], rows.rows[1][2])
