@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site:$PWD OPENBLAS_NUM_THREADS=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"
 echo "== CUDA tests"
-timeout 200 python -m pytest -q -p no:cacheprovider tests/test_virtual_workers.py tests/test_aggregation.py -k cuda --tb=short 2>&1 | tail -40
+timeout 200 python -m pytest -q -p no:cacheprovider tests/test_virtual_workers.py tests/test_aggregation.py tests/test_failures.py -k cuda --tb=short 2>&1 | tail -40
 echo "== app: 16 workers on one GPU, CUDA-graphed"
 timeout 75 python examples/train.py trainer=gpu trainer.devices=1 strategy.workers_per_device=16 strategy.batching=cuda_graph strategy.start_method=popen \
   network=bernoulli network.drop_rate=0.1 trainer.max_epochs=10 trainer.enable_progress_bar=false hydra.run.dir=/tmp/app16 2>&1 | grep -E "summary|error|vmap|graph" ; \
