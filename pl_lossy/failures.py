@@ -21,6 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ns3_bridge.sim.round import fail_outcome  # the masks' cut, shared with the simulator
+
+__all__ = ["Failure", "FrozenWorkers", "check_failures", "fail_outcome"]
+
 #: A failure as the spec keeps it: (worker, first round down, first round up again).
 Failure = tuple[int, int, int]
 
@@ -46,24 +50,6 @@ def check_failures(value: Any) -> tuple[Failure, ...]:
     return tuple(sorted(out))
 
 
-def fail_outcome(up: np.ndarray, down: np.ndarray, down_hosts: Sequence[int], colocated_servers: bool) -> None:
-    """Apply a round's failures to its masks in place: worker ``d`` down loses ``up[d, :, :]`` (it sends
-    nothing) and ``down[:, d, :]`` (it receives nothing); with co-located servers its server is down too:
-    ``up[:, d, :]`` and ``down[d, :, :]``. A co-located pair's own copies (``[d, d]``) never cross the
-    network and stay: the down worker keeps its own block, which is its frozen replica's."""
-    if not len(down_hosts):
-        return
-    d = np.asarray(down_hosts)
-    up[d] = False
-    down[:, d] = False
-    if colocated_servers:
-        servers = d[d < up.shape[1]]
-        up[:, servers] = False
-        down[servers] = False
-        up[servers, servers] = True
-        down[servers, servers] = True
-
-
 class FrozenWorkers:
     """Some of a process's workers, kept as they are over one training step: built before the step
     (copies their parameters, buffers and optimizer state), :meth:`restore` after it.
@@ -79,8 +65,8 @@ class FrozenWorkers:
                  rows: Sequence[int], stacked: bool) -> None:
         self.rows = torch.as_tensor(list(rows), dtype=torch.long)
         self.stacked = stacked
-        self.tensors = [t for t in tensors]
-        self.buffers = [b for b in buffers]  # each [k, ...] (one worker's: [1, ...])
+        self.tensors = list(tensors)
+        self.buffers = list(buffers)  # each [k, ...] (one worker's: [1, ...])
         self.optimizers = list(optimizers)
         with torch.no_grad():
             self._tensors = [self._take(t) for t in self.tensors]

@@ -632,12 +632,12 @@ class LossyPSStrategy(DDPStrategy):
         ``broadcast`` from the first worker up, ``average`` over the workers up; down workers keep theirs."""
         if self.sync_buffers == "none":
             return
-        up = [w for w in range(self.n_workers) if w not in down_workers]
+        up = [w for w in range(self.n_workers) if w not in down_workers] if down_workers else range(self.n_workers)
         if len(up) <= 1:
             return
         assert self._replicas is not None and self.lightning_module is not None
         k, first = self.workers_per_device, self.first_worker
-        rows = [w - first for w in up if 0 <= w - first < k]  # this process's workers that are up
+        rows = [j for j in range(k) if first + j not in down_workers]  # this process's workers that are up
         buffers = self._replicas.all_buffers(self.lightning_module)  # each [k, ...]
         for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
             group = [b for b in buffers if b.dtype == dtype]

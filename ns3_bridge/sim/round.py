@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -68,3 +69,21 @@ class SimulatedRound:
     up_time_s: float
     down_time_s: float
     stats: dict[str, float] = field(default_factory=dict)
+
+
+def fail_outcome(up: np.ndarray, down: np.ndarray, down_hosts: Sequence[int], colocated_servers: bool) -> None:
+    """Apply a round's failures to its masks in place: worker ``d`` down loses ``up[d, :, :]`` (it sends
+    nothing) and ``down[:, d, :]`` (it receives nothing); with co-located servers its server is down too:
+    ``up[:, d, :]`` and ``down[d, :, :]``. A co-located pair's own copies (``[d, d]``) never cross the
+    network and stay: the down worker keeps its own block, which is its frozen replica's."""
+    if not len(down_hosts):
+        return
+    d = np.asarray(down_hosts)
+    up[d] = False
+    down[:, d] = False
+    if colocated_servers:
+        servers = d[d < up.shape[1]]
+        up[:, servers] = False
+        down[servers] = False
+        up[servers, servers] = True
+        down[servers, servers] = True

@@ -16,7 +16,7 @@ import numpy as np
 
 from .background import background_flows
 from .config import LEARNING_TOS, TCP_VARIANTS, NetworkConfig
-from .round import RoundShape, SimulatedRound
+from .round import RoundShape, SimulatedRound, fail_outcome
 from .loader import load_ns
 from .topology import build_topology, link_ends
 
@@ -227,11 +227,7 @@ class RoundSimulator:
         servers = np.asarray([shape.server_host(s) for s in j], dtype=np.int32)
         W, S, P, n = shape.n_workers, shape.n_servers, shape.packets_per_block, len(pairs)
         up, down = np.ones((W, S, P), dtype=bool), np.ones((S, W, P), dtype=bool)
-        for d in shape.down_workers or ():  # down: nothing from or to it (nor its co-located server); own copies stay
-            up[d], down[:, d] = False, False
-            if shape.colocated_servers and d < S:
-                up[:, d], down[d] = False, False
-                up[d, d], down[d, d] = True, True
+        fail_outcome(up, down, shape.down_workers or (), shape.colocated_servers)  # their flows are not sent (remote_pairs)
 
         def times(engine) -> tuple[float, float]:
             if not engine.finished:
