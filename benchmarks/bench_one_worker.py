@@ -141,8 +141,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profiled", type=int, default=10)
     parser.add_argument("--rows", type=int, default=15)
-    parser.add_argument("--configs", nargs="+", default=["plain", "lossy", "lossy+metrics"])
+    parser.add_argument("--configs", nargs="+", default=["plain", "lossy", "lossy+metrics"], choices=("plain", "lossy", "lossy+metrics"))
     args = parser.parse_args()
+    if "plain" not in args.configs:
+        parser.error("--configs must include plain: every ratio is against it")
     cuda = args.device == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
