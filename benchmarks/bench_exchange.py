@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pl_lossy.aggregation import AGGREGATIONS
-from pl_lossy.exchange import RPSExchange
-from pl_lossy.gradient_exchange import GradientExchange
-from pl_lossy.rps import PacketLayout
+from pl_lossy.round.aggregation import AGGREGATIONS
+from pl_lossy.round.exchange import RPSExchange
+from pl_lossy.round.gradient_exchange import GradientExchange
+from pl_lossy.round.rps import PacketLayout
 from pl_lossy.network import BernoulliNetwork, RoundSpec
 
 

@@ -24,8 +24,8 @@ import pytorch_lightning as pl
 import torch
 
 from pl_lossy import LossyPSStrategy, Ns3Network, ReliableNetwork
-from pl_lossy.data import DigitsDataModule, SyntheticDataModule
-from pl_lossy.models import MLP, Classifier, ResNet20
+from pl_lossy.experiment.data import DigitsDataModule, SyntheticDataModule
+from pl_lossy.experiment.models import MLP, Classifier, ResNet20
 
 
 class StepTimer(pl.Callback):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pytorch_lightning.strategies import DDPStrategy
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
-from pl_lossy.models import MLP, Classifier, ResNet20
+from pl_lossy.experiment.models import MLP, Classifier, ResNet20
 
 
 class StepTimer(pl.Callback):
@@ -95,15 +95,15 @@ def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str
     """Without Lightning or pl_lossy: one model at batch ``k x b`` (``plain``), and ``k`` stacked replicas
     trained by ``torch.func.vmap(functional_call)`` (the model-ensembling recipe, BatchNorm buffers
     stacked; ``vmap``), each with SGD over all parameters; on CUDA also the vmapped forward and backward
-    recorded once in CUDA graphs and replayed (``vmap graph``, :class:`pl_lossy.step_graph.GraphedStep`).
+    recorded once in CUDA graphs and replayed (``vmap graph``, :class:`pl_lossy.workers.step_graph.GraphedStep`).
     What vmap itself costs, to compare with the ``lossy vmap`` rows."""
     import copy
 
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from pl_lossy.replicas import _fp32_batchnorm
-    from pl_lossy.step_graph import GraphedStep
+    from pl_lossy.workers.replicas import _fp32_batchnorm
+    from pl_lossy.workers.step_graph import GraphedStep
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -25,9 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pl_lossy.aggregation import AGGREGATIONS
-from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.runs import RunResult, driver_arguments, mean_curve, run_sweep
+from pl_lossy.round.aggregation import AGGREGATIONS
+from pl_lossy.experiment.compare import compare, pyplot, save_figure
+from pl_lossy.experiment.runs import RunResult, driver_arguments, mean_curve, run_sweep
 
 HERE = Path(__file__).resolve().parent
 LOSS_MODELS = {"rate": "i.i.d.", "gilbert_elliott": "bursty"}

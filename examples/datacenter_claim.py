@@ -26,8 +26,8 @@ import json
 import sys
 from pathlib import Path
 
-from pl_lossy.compare import compare
-from pl_lossy.runs import RunResult, run_main_job, split_overrides
+from pl_lossy.experiment.compare import compare
+from pl_lossy.experiment.runs import RunResult, run_main_job, split_overrides
 
 HERE = Path(__file__).resolve().parent
 WAYS = {

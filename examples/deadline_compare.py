@@ -13,7 +13,7 @@ background flows:
   rps+deadline D  lossy UDP + RPS, each phase cut at D simulated seconds (``strategy.deadline_s``):
                   what has not arrived by then counts as lost
   rps+adaptive    lossy UDP + RPS, the deadline adapted every round to twice the median arrival time
-                  of the last one, with a margin (``strategy.adaptive_deadline``, pl_lossy/deadlines.py),
+                  of the last one, with a margin (``strategy.adaptive_deadline``, pl_lossy/round/deadlines.py),
                   starting at and capped by --adaptive-cap
 
 and, with ``--failure W:A:B`` (worker W out for rounds A..B-1), two more:
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.runs import RunResult, driver_arguments, run_main_job
+from pl_lossy.experiment.compare import compare, pyplot, save_figure
+from pl_lossy.experiment.runs import RunResult, driver_arguments, run_main_job
 
 HERE = Path(__file__).resolve().parent
 

@@ -26,9 +26,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.aggregation import AGGREGATIONS
-from pl_lossy.runs import RunResult, apply_preset, driver_arguments, mean_curve, run_sweep
+from pl_lossy.experiment.compare import compare, pyplot, save_figure
+from pl_lossy.round.aggregation import AGGREGATIONS
+from pl_lossy.experiment.runs import RunResult, apply_preset, driver_arguments, mean_curve, run_sweep
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {

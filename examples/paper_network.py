@@ -22,8 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-from pl_lossy.compare import compare, pyplot, save_figure
-from pl_lossy.runs import RunResult, apply_preset, driver_arguments, run_sweep
+from pl_lossy.experiment.compare import compare, pyplot, save_figure
+from pl_lossy.experiment.runs import RunResult, apply_preset, driver_arguments, run_sweep
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {

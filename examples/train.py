@@ -7,12 +7,12 @@
 
 import hydra
 
-import pl_lossy.app
+import pl_lossy.experiment.app
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    pl_lossy.app.main(cfg)
+    pl_lossy.experiment.app.main(cfg)
 
 
 if __name__ == "__main__":

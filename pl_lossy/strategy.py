@@ -23,17 +23,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpointing
-from .aggregation import GRADIENT_RULES, check_aggregation
-from .compute import ComputeModel
-from .deadlines import next_deadline
-from .exchange import SIDE_FIELDS, RPSExchange
-from .failures import FrozenWorkers, check_failures, fail_outcome
-from .gradient_exchange import GradientExchange
+from .workers import checkpointing
+from .round.aggregation import GRADIENT_RULES, check_aggregation
+from .round.compute import ComputeModel
+from .round.deadlines import next_deadline
+from .round.exchange import SIDE_FIELDS, RPSExchange
+from .workers.failures import FrozenWorkers, check_failures, fail_outcome
+from .round.gradient_exchange import GradientExchange
 from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
-from .replicas import BATCHING, WorkerReplicas
-from .rps import PacketLayout
-from .sharding import shard_dataloader
+from .workers.replicas import BATCHING, WorkerReplicas
+from .round.rps import PacketLayout
+from .workers.sharding import shard_dataloader
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class LossyPSStrategy(DDPStrategy):
     ``aggregation`` rules exchange gradients instead, between the backward pass and the optimizer step.
 
     Args:
-        aggregation: what a round exchanges and makes of lost packets (see :mod:`pl_lossy.aggregation`):
+        aggregation: what a round exchanges and makes of lost packets (see :mod:`pl_lossy.round.aggregation`):
             ``"rps"`` (models, averaged over the copies that arrived; a miss keeps its own block),
             ``"gradient"`` (gradients, likewise), ``"zero_fill"`` (gradients, a lost packet counts as zeros,
             MLT) or ``"hadamard"`` (``zero_fill`` in a randomized Hadamard basis, OptiReduce; blocks padded
@@ -166,12 +166,12 @@ class LossyPSStrategy(DDPStrategy):
         workers_per_device: RPS workers (replicas) each process trains; ``W = processes x k`` workers in
             all. Each has its own parameters, buffers and optimizer state, trains on its own shard of
             the process's batch (the loader's ``batch_size`` rows each: the per-worker batch) and is one
-            host of the network. See :mod:`pl_lossy.replicas` and :mod:`pl_lossy.sharding`.
+            host of the network. See :mod:`pl_lossy.workers.replicas` and :mod:`pl_lossy.workers.sharding`.
         batching: how ``k > 1`` workers run a step: ``"vmap"`` (one ``torch.func.vmap`` call for all),
             ``"loop"`` (one after another; always correct), ``"auto"`` (vmap, falling back to the loop,
             logged, if the step cannot be batched), ``"cuda_graph"`` (on a GPU, the vmapped training
             step recorded once in CUDA graphs and replayed: for steps that are a function of the batch
-            and the parameters alone; see :mod:`pl_lossy.step_graph`).
+            and the parameters alone; see :mod:`pl_lossy.workers.step_graph`).
         packet_bytes: payload bytes per packet (fp32 elements: ``packet_bytes / 4`` per packet at most).
         num_servers: parameter servers; default one per worker.
         colocated_servers: server j runs on worker j (the paper's setting). If False the servers are
@@ -179,7 +179,7 @@ class LossyPSStrategy(DDPStrategy):
         sync_buffers: module buffers (BatchNorm statistics) are not sent through the lossy network;
             after each round they are made equal reliably: ``"broadcast"`` worker 0's (as DDP does),
             ``"average"`` the mean of floating-point buffers over workers (others worker 0's), ``"none"`` kept per worker.
-        compute_time_s: simulated compute time per round (see :mod:`pl_lossy.compute`): ``"flops"`` (one
+        compute_time_s: simulated compute time per round (see :mod:`pl_lossy.round.compute`): ``"flops"`` (one
             worker's step FLOPs, counted on the first step, / ``device_flops``: the same every run), a
             number of seconds, or ``"measured"`` (``None``): the slowest process's wall-clock time from its
             first training step after a round to the round (changes from run to run; on CUDA it reads a
@@ -190,7 +190,7 @@ class LossyPSStrategy(DDPStrategy):
             waiting; senders still send them). ``None``: a phase lasts until its last packet is resolved.
             Lossy UDP rounds only (not ``transport=tcp``).
         adaptive_deadline: adapt the deadline every round to what the last one needed (see
-            :mod:`pl_lossy.deadlines`), starting at and never above ``deadline_s`` (required), with
+            :mod:`pl_lossy.round.deadlines`), starting at and never above ``deadline_s`` (required), with
             ``deadline_slack`` (default 1.25) over the estimate.
         compute_jitter: stragglers: each worker's compute time per round is the compute time times
             ``exp(sigma z - sigma^2 / 2)``, ``z ~ N(0, 1)`` drawn from (network seed, round, worker): a
@@ -201,7 +201,7 @@ class LossyPSStrategy(DDPStrategy):
             reproducible compute time (``compute_time_s`` "flops" or seconds).
         worker_failures: ``[[worker, first, last], ...]``: that worker is down for rounds ``first..last-1``: it
             sends and receives nothing (nor does its co-located server) and its replica stays as it was
-            (parameters, optimizer state, buffers); then it rejoins (see :mod:`pl_lossy.failures`).
+            (parameters, optimizer state, buffers); then it rejoins (see :mod:`pl_lossy.workers.failures`).
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
         record_trace: path of an ``.npz`` to which rank 0 records every round's outcome (replay it with
@@ -401,7 +401,7 @@ class LossyPSStrategy(DDPStrategy):
             self.network.check_run(self._spec, int(steps))
 
     def _setup_replicas(self, fresh: bool) -> PacketLayout:
-        """Lay this process's workers out in one storage (see :class:`~pl_lossy.replicas.WorkerReplicas`).
+        """Lay this process's workers out in one storage (see :class:`~pl_lossy.workers.replicas.WorkerReplicas`).
 
         ``fresh``: from rank 0's module state (a fit). Otherwise (validate/test/predict) replicas an
         earlier fit of this module left are kept, each rank its own, instead of Lightning's reset of
@@ -438,7 +438,7 @@ class LossyPSStrategy(DDPStrategy):
         self._clip_patched = True
 
     def process_dataloader(self, dataloader: object) -> object:
-        """With k > 1 a process's batch is its k workers' batches (see :mod:`pl_lossy.sharding`)."""
+        """With k > 1 a process's batch is its k workers' batches (see :mod:`pl_lossy.workers.sharding`)."""
         if self.workers_per_device == 1:
             return dataloader
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -550,7 +550,7 @@ class LossyPSStrategy(DDPStrategy):
         spec = self.round_spec(self.clock.rounds)
         outcome = self._obtain_outcome(spec)
         down_workers = spec.down_workers
-        if self.worker_failures:  # whatever the network did, a down worker's packets are lost (pl_lossy.failures)
+        if self.worker_failures:  # whatever the network did, a down worker's packets are lost (pl_lossy.workers.failures)
             up, down = outcome.up.copy(), outcome.down.copy()
             fail_outcome(up, down, down_workers, spec.colocated_servers)
             outcome = replace(outcome, up=up, down=down, stats={**outcome.stats, "workers_down": float(len(down_workers))})

@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 
 from pl_lossy import LossyPSStrategy
-from pl_lossy.data import DigitsDataModule
-from pl_lossy.models import MLP, Classifier
+from pl_lossy.experiment.data import DigitsDataModule
+from pl_lossy.experiment.models import MLP, Classifier
 
 
 def digits_model(seed=0, hidden=(64,), lr=0.1, momentum=0.0, dm=None, weight_decay=0.0):

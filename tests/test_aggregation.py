@@ -8,8 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from pl_lossy import aggregation, rps
-from pl_lossy.gradient_exchange import GradientExchange
+from pl_lossy.round import aggregation, rps
+from pl_lossy.round.gradient_exchange import GradientExchange
 
 from test_rps import _random_masks, _threaded_all_reduce
 

@@ -157,7 +157,7 @@ def write_tiny_cifar(root: Path, n_per_batch=8):
 
 
 def test_cifar10_from_a_user_folder(tmp_path):
-    from pl_lossy.data import Cifar10DataModule
+    from pl_lossy.experiment.data import Cifar10DataModule
 
     write_tiny_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
     dm = Cifar10DataModule(data_dir=str(tmp_path / "cifar"), batch_size=4)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pl_lossy import LossyPSStrategy
-from pl_lossy.compute import ComputeModel
+from pl_lossy.round.compute import ComputeModel
 from pl_lossy.network import BernoulliNetwork
 from tests.fits import digits_model, fit_in_process
 

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
-from pl_lossy.failures import FrozenWorkers, check_failures, fail_outcome
+from pl_lossy.workers.failures import FrozenWorkers, check_failures, fail_outcome
 from pl_lossy.network import RoundSpec
 
 from fits import RecordingLossyPS, digits_model, fit, fit_in_process, load_rounds
@@ -137,8 +137,8 @@ def test_failures_with_stragglers_and_a_counted_compute_time_train():
 if torch.cuda.is_available():  # collected only where there is a GPU (run them there: pytest -k cuda)
     import functools
 
-    from pl_lossy.data import SyntheticDataModule
-    from pl_lossy.models import Classifier, ResNet20
+    from pl_lossy.experiment.data import SyntheticDataModule
+    from pl_lossy.experiment.models import Classifier, ResNet20
 
     @pytest.mark.parametrize("batching", ["vmap", "cuda_graph"])
     def test_cuda_virtual_workers_freeze_a_down_worker_and_its_batchnorm_statistics(batching):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pl_lossy import LossyPSStrategy
-from pl_lossy.data import MNIST1DDataModule
-from pl_lossy.models import CNN1D, Classifier
+from pl_lossy.experiment.data import MNIST1DDataModule
+from pl_lossy.experiment.models import CNN1D, Classifier
 from pl_lossy.network import BernoulliNetwork
 from tests.fits import fit_in_process
 

@@ -203,7 +203,7 @@ def test_bad_deadlines_are_refused(kw, message):
 
 
 def test_the_adaptive_deadline_settles_below_a_straggler_and_never_above_its_cap():
-    from pl_lossy.deadlines import next_deadline
+    from pl_lossy.round.deadlines import next_deadline
 
     net = BernoulliNetwork(0.0, link_rate_bps=1e9, latency_s=10e-6, seed=1)
     cap, deadline, seen = 4e-3, 4e-3, []

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pl_lossy import rps
-from pl_lossy.exchange import SIDE_FIELDS, RPSExchange
+from pl_lossy.round import rps
+from pl_lossy.round.exchange import SIDE_FIELDS, RPSExchange
 
 
 def reference_round(models, up, down, n_servers, layout, server_state=None):

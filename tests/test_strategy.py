@@ -255,8 +255,8 @@ def test_a_network_failure_on_rank_zero_fails_the_fit_on_every_rank():
 def test_batchnorm_buffers(tmp_path, mode, equal):
     import functools
 
-    from pl_lossy.data import SyntheticDataModule
-    from pl_lossy.models import Classifier, ResNet20
+    from pl_lossy.experiment.data import SyntheticDataModule
+    from pl_lossy.experiment.models import Classifier, ResNet20
 
     pl.seed_everything(0, verbose=False)
     dm = SyntheticDataModule(n_samples=256, input_shape=(3, 8, 8), batch_size=16)

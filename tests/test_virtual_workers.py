@@ -10,9 +10,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
-from pl_lossy.checkpointing import workers_mean_state_dict
-from pl_lossy.data import SyntheticDataModule
-from pl_lossy.models import MLP, Classifier, ResNet20
+from pl_lossy.workers.checkpointing import workers_mean_state_dict
+from pl_lossy.experiment.data import SyntheticDataModule
+from pl_lossy.experiment.models import MLP, Classifier, ResNet20
 
 from fits import SaveWorkers, digits_model, fit, fit_in_process, in_process
 
@@ -54,7 +54,7 @@ def test_a_process_batch_is_its_workers_batches_as_their_own_processes_would_dra
     from lightning_fabric.utilities.data import _set_sampler_epoch
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from pl_lossy.sharding import shard_dataloader
+    from pl_lossy.workers.sharding import shard_dataloader
 
     data = list(range(103))
     for epoch in (0, 1, 2):
@@ -326,8 +326,8 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
     def test_cuda_exchange_of_several_workers_matches_rps_round():
         import numpy as np
 
-        from pl_lossy import rps
-        from pl_lossy.exchange import SIDE_FIELDS, RPSExchange
+        from pl_lossy.round import rps
+        from pl_lossy.round.exchange import SIDE_FIELDS, RPSExchange
 
         W, S = 5, 3
         layout = rps.PacketLayout.for_model(1001, S, packet_bytes=64)

@@ -72,7 +72,7 @@ class RoundSpec:
 
     @property
     def down_workers(self) -> tuple[int, ...]:
-        """Workers down this round (``worker_failures``; see :mod:`pl_lossy.failures`)."""
+        """Workers down this round (``worker_failures``; see :mod:`pl_lossy.workers.failures`)."""
         return tuple(sorted({w for w, first, last in self.worker_failures if first <= self.round < last}))
 
     @property

@@ -4,7 +4,7 @@ A worker is a replica, not a process. A process hosts ``k`` workers; each has it
 gradients, buffers and optimizer state, stacked along a leading dimension of size ``k``:
 
 - **Parameters** live in one storage ``[k, row]`` (``row`` is the packet layout's padded model size,
-  see :class:`~pl_lossy.rps.PacketLayout`), so that the RPS exchange works on all workers' blocks at
+  see :class:`~pl_lossy.round.rps.PacketLayout`), so that the RPS exchange works on all workers' blocks at
   once. Each parameter ``p`` gets a stacked ``nn.Parameter`` ``[k, *p.shape]`` (a view of the storage);
   the optimizer holds those, so one ``optimizer.step()`` updates every worker (elementwise optimizers
   only: SGD, Adam, ... see :data:`ELEMENTWISE_OPTIMIZERS`). The module's own parameters become views
@@ -14,7 +14,7 @@ gradients, buffers and optimizer state, stacked along a leading dimension of siz
   worker on its shard of the process's batch, with that worker's parameters and buffers swapped
   in: either as one ``torch.func.vmap`` over the workers (fast: one launch per op for all ``k``) or
   as a loop (always correct); on a GPU the vmapped training step can be recorded once in CUDA graphs
-  and replayed (``cuda_graph``, :mod:`pl_lossy.step_graph`). Values the step logs are caught and logged once, as the mean over
+  and replayed (``cuda_graph``, :mod:`pl_lossy.workers.step_graph`). Values the step logs are caught and logged once, as the mean over
   workers. The returned loss has the mean's value and the sum's gradient, so each worker's
   gradient is exactly its own loss's.
 

@@ -1,10 +1,10 @@
 """Loss-tolerant aggregation rules as pure tensor functions: what a round makes of the packets that arrived.
 
-The packet notation is :mod:`pl_lossy.rps`'s: ``W`` workers, ``S`` servers, every worker's flat vector
+The packet notation is :mod:`pl_lossy.round.rps`'s: ``W`` workers, ``S`` servers, every worker's flat vector
 ``x_i`` laid out as ``[S, P, E]`` (block ``j`` is server ``j``'s, ``P`` packets of ``E`` elements),
 ``up[i, j, p]`` and ``down[j, i, p]`` the delivered packets, ``c[j, p] = sum_i up[i, j, p]``.
 
-``rps`` (the paper, :func:`pl_lossy.rps.rps_round`) exchanges *models* after every local step. The rules
+``rps`` (the paper, :func:`pl_lossy.round.rps.rps_round`) exchanges *models* after every local step. The rules
 here exchange *gradients* after the backward pass, before the optimizer steps, so that momentum and
 Adam see the aggregated gradient as under DDP; with no drops each equals DDP:
 
@@ -31,7 +31,7 @@ since ``T`` is orthogonal). Blocks must be powers of two: see ``PacketLayout.for
 power_of_two_blocks=True)``, whose padding is what this rule costs on the wire.
 
 :func:`gradient_round`, :func:`zero_fill_round` and :func:`hadamard_round` run a rule for all workers in
-one process; :class:`~pl_lossy.gradient_exchange.GradientExchange` is one process's side of it in a
+one process; :class:`~pl_lossy.round.gradient_exchange.GradientExchange` is one process's side of it in a
 distributed run (one all_reduce per round, as RPS).
 """
 

@@ -1,7 +1,7 @@
 """One process's side of the RPS exchange: its workers' models in one storage, one all_reduce per round.
 
 The storage holds the ``k`` workers of this process as rows of the packet layout ``[k, S, P, E]`` (see
-:class:`~pl_lossy.rps.PacketLayout` and :class:`~pl_lossy.replicas.WorkerReplicas`), followed by
+:class:`~pl_lossy.round.rps.PacketLayout` and :class:`~pl_lossy.workers.replicas.WorkerReplicas`), followed by
 ``SIDE_FIELDS`` *side slots* per process: a process writes scalars (its compute time, a hash of the
 masks it applies) into its own slots and the round's all_reduce hands every process everyone's
 values, so no extra collective is needed. Side values must be exact in fp32 to compare (integers
@@ -15,7 +15,7 @@ A round, given the global masks (every process knows them):
 3. all_reduce (sum): every packet now holds its server's average;
 4. every worker takes the averages, then the packets copied aside are put back (keep-own, sparse).
 
-Two ways to do 2-4, the same math (:func:`pl_lossy.rps.rps_round`):
+Two ways to do 2-4, the same math (:func:`pl_lossy.round.rps.rps_round`):
 
 - *in place* (one fp32 worker per process, the common case): ``v *= w`` on the parameters'
   own storage, then the all_reduce of that storage. Nothing model-sized is allocated.

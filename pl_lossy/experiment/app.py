@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.multiprocessing import ProcessRaisedException
 
-from .callbacks import RunSummary
+from ..callbacks import RunSummary
 from .config_types import type_errors
-from .strategy import LossyPSStrategy
+from ..strategy import LossyPSStrategy
 
 
-log = logging.getLogger("pl_lossy.app")
+log = logging.getLogger("pl_lossy.experiment.app")
 
 
 class BelowWarning(logging.Filter):
@@ -62,7 +62,7 @@ GROUPS = ("data", "model", "network", "strategy", "trainer")  # the objects a ru
 
 
 def check_types(cfg: DictConfig) -> None:
-    """Every group's values against the annotations of what it builds (see :mod:`pl_lossy.config_types`)."""
+    """Every group's values against the annotations of what it builds (see :mod:`pl_lossy.experiment.config_types`)."""
     for group in GROUPS:
         if group in cfg:
             error = type_errors(cfg[group], group)

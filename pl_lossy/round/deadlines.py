@@ -20,7 +20,7 @@ of the simulated clock's state (saved in checkpoints: a resumed run continues wi
 
 from __future__ import annotations
 
-from .network import RoundOutcome
+from ..network import RoundOutcome
 
 
 def next_deadline(outcome: RoundOutcome, cap_s: float, slack: float) -> float:

@@ -41,7 +41,7 @@ class PacketLayout:
     ``ceil(numel / n_servers)`` elements; then ``elems_per_packet`` is shrunk to the fewest elements
     that still hold the model, so every packet has the same size and padding is under ``S * P``.
 
-    With ``power_of_two_blocks`` (for the Hadamard transform of :mod:`pl_lossy.aggregation`) a block is
+    With ``power_of_two_blocks`` (for the Hadamard transform of :mod:`pl_lossy.round.aggregation`) a block is
     ``2^m >= ceil(numel / n_servers)`` elements in ``2^a`` packets of ``2^b`` elements, the largest power
     of two that fits ``packet_bytes``: up to twice the elements, in smaller packets.
     """

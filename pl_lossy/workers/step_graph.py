@@ -1,6 +1,6 @@
 """A training step's forward and backward, captured once in CUDA graphs and replayed.
 
-Virtual workers (:mod:`pl_lossy.replicas`) run ``k`` replicas' forward and backward as one
+Virtual workers (:mod:`pl_lossy.workers.replicas`) run ``k`` replicas' forward and backward as one
 ``torch.func.vmap`` call. On a GPU that call is host-bound: vmap's batching rules launch thousands
 of small kernels a step for a ResNet, each costing microseconds of Python and C++ on the host while
 the GPU waits. A CUDA graph records those launches once and replays them as one, so the step costs

@@ -21,7 +21,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if argv[0] == "store":
-        from .network import outcome_store
+        from ..network import outcome_store
 
         return outcome_store.main(argv[1:])
     from . import compare

@@ -1,13 +1,13 @@
 """One process's side of a gradient rule (``gradient``, ``zero_fill``, ``hadamard``): one all_reduce per round.
 
-The rules' math is in :mod:`pl_lossy.aggregation`. Between the backward pass and the optimizer step:
+The rules' math is in :mod:`pl_lossy.round.aggregation`. Between the backward pass and the optimizer step:
 
 1. *gather*: every trained parameter's gradient (``[k, ...]`` for ``k`` workers, or the module's own for
    ``k = 1``) is copied into its place in an fp32 buffer ``[k, S, P, E]`` laid out like the model (no
    gradient: zeros); ``hadamard`` then spreads every block in place;
 2. this process's contribution to every server, ``send = sum_j w_j * g_j`` with the rule's uplink
    weights (``up / c`` or ``up / W``), into the wire buffer, with the side slots after it
-   (see :mod:`pl_lossy.exchange`), and one all_reduce (sum) of it;
+   (see :mod:`pl_lossy.round.exchange`), and one all_reduce (sum) of it;
 3. every worker takes the aggregate, except at the packets it misses (sparse): its own gradient there
    (``gradient``) or zeros (``zero_fill``, ``hadamard``); ``hadamard`` transforms back;
 4. *scatter*: the result goes back into the parameters' ``.grad``, in their dtype.
@@ -33,7 +33,7 @@ class GradientExchange:
     ``offsets`` of a worker's flat model.
 
     Args:
-        rule: one of :data:`pl_lossy.aggregation.GRADIENT_RULES`.
+        rule: one of :data:`pl_lossy.round.aggregation.GRADIENT_RULES`.
         seed: the run's seed, for ``hadamard``'s per-round signs.
     """
 
