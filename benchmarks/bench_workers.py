@@ -84,8 +84,8 @@ def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batchin
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     trainer.fit(model, loader)
-    if k > 1 and strategy.replicas.mode != batching:
-        print(f"note: lossy {k} x {batch} {batching} ran as {strategy.replicas.mode}")
+    if k > 1 and strategy.steps.mode != batching:
+        print(f"note: lossy {k} x {batch} {batching} ran as {strategy.steps.mode}")
     if torch.distributed.is_initialized():  # every configuration starts from the same state
         torch.distributed.destroy_process_group()
     return timer.times[args.warmup :]

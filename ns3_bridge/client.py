@@ -22,7 +22,8 @@ class BridgeClient:
     """A REQ socket per conversation; after a timeout the socket is replaced (the lazy-pirate pattern).
 
     ``alive``, if given, is polled while waiting so that a bridge process that died is reported at
-    once instead of after the whole timeout.
+    once instead of after the whole timeout. ``simulator`` is the bridge's simulator identity from its
+    last pong (see :meth:`ping`).
     """
 
     def __init__(self, endpoint: str, timeout_s: float = 120.0, alive: Optional[Callable[[], bool]] = None,
@@ -34,6 +35,7 @@ class BridgeClient:
         self._curve = client_keys(curve_keys) if curve_keys else None
         self._ctx = zmq.Context.instance()
         self._sock: Optional[zmq.Socket] = None
+        self.simulator: Optional[str] = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -75,7 +77,14 @@ class BridgeClient:
         return reply, reply_frames
 
     def ping(self, timeout_s: Optional[float] = None) -> dict:
-        return self.request({"type": "ping"}, timeout_s=timeout_s)[0]
+        """The bridge's state (see :mod:`ns3_bridge.protocol`); sets :attr:`simulator` to the identity it
+        reports (None: a bridge older than the field). A malformed identity is a BridgeError."""
+        pong = self.request({"type": "ping"}, timeout_s=timeout_s)[0]
+        try:
+            self.simulator = protocol.parse_simulator(pong)
+        except protocol.ProtocolError as exc:
+            raise BridgeError(f"the ns-3 bridge at {self.endpoint} sent a malformed reply: {exc}") from None
+        return pong
 
     def configure(self, config: NetworkConfig, timeout_s: Optional[float] = None) -> None:
         self.request({"type": "configure", "network": config.to_dict()}, timeout_s=timeout_s)

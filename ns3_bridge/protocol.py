@@ -5,7 +5,7 @@ version) and ``"type"``; any further frames are raw bytes described by the heade
 
 Requests                                          Replies
 ``ping``                                          ``pong`` {pid, configured, workers, simulator_pids,
-                                                  simulator_restarts, queued, cached}
+                                                  simulator_restarts, queued, cached, simulator}
 ``configure`` {network: NetworkConfig fields}     ``ok``
 ``outcome`` {rounds: [shape, ...]}                ``outcome`` {rounds: [{round, up_time_s, down_time_s,
                                                   stats}, ...]} + 2 frames per round: the packed bits
@@ -17,6 +17,11 @@ any malformed or failing request                  ``error`` {message}
 
 A round shape is ``{round, n_workers, n_servers, packets_per_block, packet_bytes, colocated_servers,
 transport}`` (the fields of ``pl_lossy.network.RoundSpec``).
+
+``simulator`` is the bridge's simulator identity (its ns-3 version and a hash of the engine sources it
+runs, see :func:`ns3_bridge.server.simulator_identity`): clients key stored rounds with it. It was added
+to version 1 without a version bump (that would make every running bridge refuse every client); a pong
+without it comes from an older bridge, whose engine is unknown (:func:`parse_simulator` returns None).
 """
 
 from __future__ import annotations
@@ -57,6 +62,22 @@ def decode(parts: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     if not isinstance(header.get("type"), str):
         raise ProtocolError("the header has no string 'type'")
     return header, list(parts[1:])
+
+
+MAX_SIMULATOR_CHARS = 200
+
+
+def parse_simulator(pong: dict[str, Any]) -> str | None:
+    """The ``simulator`` identity of a ``pong``: a printable one-line string, or None when the bridge
+    predates the field. ProtocolError for anything else (a store keyed with junk would be worse than none)."""
+    if "simulator" not in pong:
+        return None
+    value = pong["simulator"]
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_SIMULATOR_CHARS or not value.isprintable()
+            or value != value.strip()):
+        raise ProtocolError(f"pong field 'simulator' must be a printable string of 1 to {MAX_SIMULATOR_CHARS} "
+                            f"characters without surrounding spaces, got {str(value)[:60]!r}")
+    return value
 
 
 def _int_field(d: dict, name: str, lo: int, hi: int) -> int:

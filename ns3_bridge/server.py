@@ -14,6 +14,8 @@ its simulation processes die with it.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import multiprocessing as mp
 import os
 import re
@@ -21,6 +23,7 @@ import signal
 import sys
 import time
 from collections import Counter, OrderedDict, deque
+from pathlib import Path
 from typing import Any, Optional
 
 import zmq
@@ -33,6 +36,28 @@ from .sim.round import SIM_PACKETS_PER_S, RoundShape, packet_budget
 
 _LOCAL_TCP = re.compile(r"tcp://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):\d+$")
 MAX_ATTEMPTS = 2  # simulations of one round that may die before the round is reported as failed
+_SOURCE_SUFFIXES = (".py", ".hpp", ".h", ".cc")
+
+
+def simulator_identity(ns3_version: Optional[str] = None) -> str:
+    """``"ns3 <version>; sim <hash>"``: what a round's outcome depends on besides its settings and shape.
+
+    The version is ``ns3_version``, else the installed ns3 wheel's (``unknown`` without one: such a
+    bridge simulates nothing). The hash covers the simulation sources (Python and C++ engines) of the
+    ``ns3_bridge.sim`` THIS process imports, so a bridge reports the engine it runs, not the client's."""
+    if ns3_version is None:
+        try:
+            ns3_version = importlib.metadata.version("ns3")
+        except importlib.metadata.PackageNotFoundError:
+            ns3_version = "unknown"
+    from . import sim
+
+    root = Path(sim.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in _SOURCE_SUFFIXES and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return f"ns3 {ns3_version}; sim {digest.hexdigest()[:16]}"
 
 
 class SimulationProcess:
@@ -125,6 +150,8 @@ class BridgeServer:
         self.failed: dict[RoundShape, str] = {}
         self.waiting: Optional[list[RoundShape]] = None  # the outcome request being answered
         self.stopping = False
+        # hashed once, when the bridge starts (the sources it runs), so that a ping stays cheap
+        self.identity = simulator_identity()
 
     # ------------------------------------------------------------------ requests
 
@@ -143,6 +170,7 @@ class BridgeServer:
                     "simulator_restarts": sum(max(0, s.started - 1) for s in self.sims),
                     "queued": len(self.queue),
                     "cached": len(self.cache),
+                    "simulator": self.identity,
                 })
             if kind == "configure":
                 return self._configure(header)

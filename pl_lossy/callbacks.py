@@ -125,7 +125,7 @@ class RunSummary(Callback):
             out.update(
                 n_workers=strategy.n_workers,
                 workers_per_device=strategy.workers_per_device,
-                batching=strategy.replicas.mode if strategy.replicas is not None and strategy.workers_per_device > 1 else None,
+                batching=strategy.steps.mode if strategy.steps is not None and strategy.workers_per_device > 1 else None,
                 rounds=clock.rounds,
                 delivered_up=clock.delivered_up,
                 delivered_down=clock.delivered_down,

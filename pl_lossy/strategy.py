@@ -1,16 +1,19 @@
-"""LossyPSStrategy: data-parallel training with RPS over a simulated unreliable network."""
+"""LossyPSStrategy: data-parallel training with RPS over a simulated unreliable network.
+
+The strategy is Lightning's lifecycle only, in the order Lightning calls it: checks at construction, the
+workers laid out at setup, a :class:`~pl_lossy.round.session.FitSession` per fit (everything that lives for
+one fit), one round per optimizer step (:mod:`pl_lossy.round.pipeline`), the session closed at teardown,
+and the checkpoint hooks that carry every worker's state (:mod:`pl_lossy.workers.checkpointing`).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import time
-import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -21,129 +24,27 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.flop_counter import FlopCounterMode
 
-from .workers import checkpointing
+from .network import NetworkModel, Ns3Network, RoundSpec
 from .round.aggregation import GRADIENT_RULES, check_aggregation
-from .round.compute import ComputeModel
-from .round.deadlines import next_deadline
+from .round.clock import RoundRecord, SimClock
+from .round.compute import ComputeModel, check_stragglers
 from .round.exchange import SIDE_FIELDS, RPSExchange
-from .workers.failures import FrozenWorkers, check_failures, fail_outcome
 from .round.gradient_exchange import GradientExchange
-from .network import NetworkModel, Ns3Network, RoundOutcome, RoundSpec, TraceRecorder
-from .workers.replicas import BATCHING, WorkerReplicas
+from .round.pipeline import run_round
 from .round.rps import PacketLayout
+from .round.session import FitSession, ProcessPlace
+from .workers import checkpointing
+from .workers.buffer_sync import SYNC_BUFFERS
+from .workers import failures
+from .workers.failures import check_failures
+from .workers.replicas import WorkerReplicas
 from .workers.sharding import shard_dataloader
+from .workers.steps import BATCHING, WorkerSteps
 
 log = logging.getLogger(__name__)
 
-SYNC_BUFFERS = ("broadcast", "average", "none")
 CHECKPOINT_KEY = "lossy_ps"
-
-
-@dataclass
-class RoundRecord:
-    """What the last round did, for loggers (see :class:`~pl_lossy.callbacks.LossyPSMetrics`)."""
-
-    round: int
-    delivered_up: float
-    delivered_down: float
-    up_time_s: float
-    down_time_s: float
-    compute_time_s: float
-    sim_time_s: float
-    stats: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def comm_time_s(self) -> float:
-        return self.up_time_s + self.down_time_s
-
-
-@dataclass
-class SimClock:
-    """Simulated time: ``sim_time += compute + up + down`` per round."""
-
-    rounds: int = 0
-    sim_time_s: float = 0.0
-    comm_time_s: float = 0.0
-    compute_time_s: float = 0.0
-    delivered_up_sum: float = 0.0
-    delivered_down_sum: float = 0.0
-    deadline_s: Optional[float] = None  # an adaptive deadline's value for the next round (None: not adapting)
-
-    def advance(self, compute_s: float, outcome: RoundOutcome, delivered: tuple[float, float]) -> None:
-        self.rounds += 1
-        self.compute_time_s += compute_s
-        self.comm_time_s += outcome.comm_time_s
-        self.sim_time_s += compute_s + outcome.comm_time_s
-        self.delivered_up_sum += delivered[0]
-        self.delivered_down_sum += delivered[1]
-
-    @property
-    def delivered_up(self) -> float:
-        return self.delivered_up_sum / self.rounds if self.rounds else 1.0
-
-    @property
-    def delivered_down(self) -> float:
-        return self.delivered_down_sum / self.rounds if self.rounds else 1.0
-
-
-def _check_stragglers(compute_jitter: Any, slow_workers: Any, compute: ComputeModel) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """``compute_jitter`` and ``slow_workers`` checked (worker indices against the worker count at setup)."""
-    if isinstance(compute_jitter, bool) or not isinstance(compute_jitter, (int, float)) or not compute_jitter >= 0:
-        raise ValueError(f"compute_jitter must be a number >= 0 (the lognormal sigma of each worker's compute time), got {compute_jitter!r}")
-    slow = dict(slow_workers or {})
-    for worker, factor in slow.items():
-        if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
-            raise ValueError(f"slow_workers maps worker indices (integers >= 0) to factors, got worker {worker!r}")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"slow_workers[{worker}] must be a factor > 0 on its compute time, got {factor!r}")
-    if (compute_jitter > 0 or slow) and compute.kind == "measured":
-        raise ValueError("stragglers (compute_jitter, slow_workers) need a reproducible compute time: compute_time_s='flops' or seconds")
-    return float(compute_jitter), tuple(sorted((int(w), float(f)) for w, f in slow.items()))
-
-
-def mask_hash(outcome: RoundOutcome) -> float:
-    """A 24-bit hash of a round's masks (exact as an fp32 side value), to check every process applies the same."""
-    return float(zlib.crc32(np.packbits(outcome.down), zlib.crc32(np.packbits(outcome.up))) & 0xFFFFFF)
-
-
-class MaskAgreement:
-    """Checks that every process applied the same masks in a round (their hashes ride in the round's
-    all_reduce). On CPU at once; on CUDA one round later, from a non-blocking copy, so that a round
-    never waits for the device to check it."""
-
-    def __init__(self) -> None:
-        self._pending: Optional[tuple[int, Tensor, float, Any]] = None
-
-    def submit(self, round_index: int, hashes: Tensor, own: float) -> None:
-        self.flush()
-        if hashes.numel() < 2:
-            return
-        if hashes.device.type != "cuda":
-            self._verify(round_index, hashes, own)
-            return
-        copy = torch.empty(hashes.shape, dtype=hashes.dtype, pin_memory=True)
-        copy.copy_(hashes, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending = (round_index, copy, own, event)
-
-    def flush(self) -> None:
-        if self._pending is not None:
-            round_index, copy, own, event = self._pending
-            self._pending = None
-            event.synchronize()
-            self._verify(round_index, copy, own)
-
-    @staticmethod
-    def _verify(round_index: int, hashes: Tensor, own: float) -> None:
-        values = hashes.tolist()
-        if any(v != own for v in values):
-            raise RuntimeError(
-                f"round {round_index}: the processes applied different masks (hashes by process: {[int(v) for v in values]}); "
-                "a network model with same_on_every_rank=True must give every process the same outcome for a round"
-            )
 
 
 class LossyPSStrategy(DDPStrategy):
@@ -255,15 +156,14 @@ class LossyPSStrategy(DDPStrategy):
         if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0):
             raise ValueError(f"deadline_s must be a number of seconds > 0 (or None: no deadline), got {deadline_s!r}")
         self.network = network if network is not None else Ns3Network(loss_rate=0.01)
-        if record_trace:
-            self.network = TraceRecorder(self.network, record_trace)
+        self.record_trace = str(record_trace) if record_trace else None
         self.workers_per_device = workers_per_device
         self.batching = batching
         self.packet_bytes = int(packet_bytes)
         self.num_servers = num_servers
         self.colocated_servers = colocated_servers
         self.sync_buffers = sync_buffers
-        self.compute = ComputeModel(compute_time_s, device_flops)
+        self._compute = ComputeModel(compute_time_s, device_flops)  # the configured model; each fit counts on a fresh copy
         self.deadline_s = None if deadline_s is None else float(deadline_s)
         if not isinstance(adaptive_deadline, bool):
             raise ValueError(f"adaptive_deadline must be true or false, got {adaptive_deadline!r}")
@@ -272,23 +172,17 @@ class LossyPSStrategy(DDPStrategy):
         if isinstance(deadline_slack, bool) or not isinstance(deadline_slack, (int, float)) or not deadline_slack >= 1:
             raise ValueError(f"deadline_slack must be a number >= 1 (the margin over the estimated time), got {deadline_slack!r}")
         self.adaptive_deadline, self.deadline_slack = adaptive_deadline, float(deadline_slack)
-        self.compute_jitter, self.slow_workers = _check_stragglers(compute_jitter, slow_workers, self.compute)
+        self.compute_jitter, self.slow_workers = check_stragglers(compute_jitter, slow_workers, self._compute)
         self.worker_failures = check_failures(worker_failures)
         self.divergence_every = divergence_every
         self.log_metrics = log_metrics
-        self.clock = SimClock()
-        self.last_round: Optional[RoundRecord] = None
-        self.last_divergence: Optional[float] = None
         self._replicas: Optional[WorkerReplicas] = None
         self._replicas_of: Optional[int] = None  # id() of the module the replicas belong to
-        self._exchange: Optional[RPSExchange] = None  # the models' exchange (rps), and their divergence for every rule
-        self._gradient_exchange: Optional[GradientExchange] = None  # the gradient rules'
-        self._spec: Optional[RoundSpec] = None
-        self._compute_start: Optional[float] = None
-        self._flop_counter: Optional[FlopCounterMode] = None  # counting the first round's steps (compute "flops")
+        self._steps: Optional[WorkerSteps] = None  # how the replicas' steps run
+        self._session: Optional[FitSession] = None  # the current (or last) fit's
         self._clip_patched = False
-        self._mask_check = MaskAgreement()
-        self._frozen: Optional[FrozenWorkers] = None  # this round's down workers, undone after the step
+
+    # ------------------------------------------------------------------ what a fit is made of
 
     @property
     def n_workers(self) -> int:
@@ -303,6 +197,41 @@ class LossyPSStrategy(DDPStrategy):
     @property
     def replicas(self) -> Optional[WorkerReplicas]:
         return self._replicas
+
+    @property
+    def steps(self) -> Optional[WorkerSteps]:
+        """How the workers' steps run (``steps.mode``: vmap, loop or cuda_graph)."""
+        return self._steps
+
+    @property
+    def session(self) -> Optional[FitSession]:
+        """The current fit's session (after a fit ends, that fit's, closed, until the next fit starts)."""
+        return self._session
+
+    @property
+    def clock(self) -> SimClock:
+        return self._session.clock if self._session is not None else SimClock()
+
+    @property
+    def compute(self) -> ComputeModel:
+        """The fit's compute-time model (its FLOP count once made), or the configured one before any fit."""
+        return self._session.compute if self._session is not None else self._compute
+
+    @property
+    def last_round(self) -> Optional[RoundRecord]:
+        return self._session.last_round if self._session is not None else None
+
+    @property
+    def last_divergence(self) -> Optional[float]:
+        return self._session.last_divergence if self._session is not None else None
+
+    @property
+    def round(self) -> int:
+        return self.clock.rounds
+
+    def round_spec(self, round_index: int) -> RoundSpec:
+        assert self._session is not None, "the strategy is not fitting"
+        return self._session.round_spec(round_index)
 
     def _layout(self, module: torch.nn.Module, n_workers: int) -> PacketLayout:
         """How every floating-point parameter of ``module`` (frozen ones too) is cut into packets."""
@@ -356,34 +285,38 @@ class LossyPSStrategy(DDPStrategy):
                 trainer.callbacks.append(LossyPSMetrics())
 
     def configure_ddp(self) -> None:
-        """Do not wrap the model: broadcast rank 0's initial state, lay the workers out, start at round 0."""
+        """Do not wrap the model: broadcast rank 0's initial state, lay the workers out, open this fit's session."""
         assert isinstance(self.model, pl.LightningModule)
         if self.workers_per_device > 1 and not self.model.automatic_optimization:
             raise ValueError(
                 "workers_per_device > 1 needs automatic optimization (one optimizer step of all workers per batch); "
                 "this LightningModule optimizes manually: use workers_per_device=1"
             )
+        if self._session is not None:
+            self._session.close()  # an earlier fit's, should its teardown not have run
         layout = self._setup_replicas(fresh=True)
-        self._exchange = RPSExchange(
+        exchange = RPSExchange(
             self._replicas.storage, layout, self.global_rank, self.world_size, self.workers_per_device, self.colocated_servers
         )
-        self._gradient_exchange = None
+        gradient_exchange = None
         if self.aggregation in GRADIENT_RULES:
-            self._gradient_exchange = GradientExchange(
+            gradient_exchange = GradientExchange(
                 self.aggregation, *self._replicas.trained_tensors(), layout, self.global_rank, self.world_size,
                 self.workers_per_device, self.colocated_servers, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
             )
-        self._spec = self.round_spec_for(self.model, self.world_size)
-        self.network.check_round(self._spec)  # the app checks this before launch; here for every other way in
-        self.clock = SimClock()  # a fit starts at round 0; a checkpoint, restored after setup, may move it on
-        self.last_round = self.last_divergence = None
-        if isinstance(self.network, TraceRecorder) and not self.is_global_zero:
-            self.network = self.network.network  # only rank 0 records
+        spec = self.round_spec_for(self.model, self.world_size)
+        self.network.check_round(spec)  # the app checks this before launch; here for every other way in
+        place = ProcessPlace(self.global_rank, self.world_size, self.workers_per_device, self.root_device)
+        self._session = FitSession(
+            self.network, spec, self._compute, place, self._replicas, self._steps, exchange, gradient_exchange, self._all_reduce_sum,
+            record_trace=self.record_trace, adaptive_deadline=self.adaptive_deadline, deadline_slack=self.deadline_slack,
+            sync_buffers=self.sync_buffers, divergence_every=self.divergence_every,
+        )
         rank_zero_info(
             f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {layout.n_servers} "
             f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
             f"{layout.packets_per_block} packets x {layout.packet_bytes} B, aggregation {self.aggregation}; "
-            f"network {self.network.describe()}"
+            f"network {self._session.network.describe()}"
         )
         if self.workers_per_device > 1 and self.root_device.type == "cuda" and self.batching in ("auto", "vmap"):
             rank_zero_info(
@@ -398,7 +331,7 @@ class LossyPSStrategy(DDPStrategy):
             return  # rounds are the module's optimizer steps: not known ahead
         steps = trainer.estimated_stepping_batches
         if math.isfinite(steps):
-            self.network.check_run(self._spec, int(steps))
+            self.network.check_run(self._session.spec, int(steps))
 
     def _setup_replicas(self, fresh: bool) -> PacketLayout:
         """Lay this process's workers out in one storage (see :class:`~pl_lossy.workers.replicas.WorkerReplicas`).
@@ -419,7 +352,7 @@ class LossyPSStrategy(DDPStrategy):
             _sync_module_states(module)
             self._replicas = WorkerReplicas(module, self.workers_per_device, layout.padded_numel, trailing=SIDE_FIELDS * self.world_size)
             self._replicas_of = id(module)
-        self._replicas.batching = self.batching
+            self._steps = WorkerSteps(self._replicas, self.batching)
         return layout
 
     def _adopt_optimizers(self) -> None:
@@ -427,6 +360,7 @@ class LossyPSStrategy(DDPStrategy):
         assert self._replicas is not None
         if self.workers_per_device == 1:
             return
+        failures.check_failure_optimizers(self.optimizers, self.workers_per_device, self.worker_failures)
         self._replicas.adopt_optimizers(self.optimizers)
         plugin, replicas = self.precision_plugin, self._replicas
 
@@ -438,36 +372,36 @@ class LossyPSStrategy(DDPStrategy):
         self._clip_patched = True
 
     def process_dataloader(self, dataloader: object) -> object:
-        """With k > 1 a process's batch is its k workers' batches (see :mod:`pl_lossy.workers.sharding`)."""
-        if self.workers_per_device == 1:
+        """With k > 1 a process's batch is its k workers' batches (see :mod:`pl_lossy.workers.sharding`);
+        predict loaders stay as they are (worker 0's replica predicts, on the module)."""
+        if self.workers_per_device == 1 or self._predicting():
             return dataloader
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return shard_dataloader(dataloader, self.n_workers, self.global_rank, self.workers_per_device, seed)
 
+    def _predicting(self) -> bool:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        return trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._compute_start is None:  # the round's first micro-batch
-            self._compute_start = time.perf_counter()
-            self._freeze_down_workers()
-        if self.compute.counting and self._flop_counter is None:
-            # entered here and left in exchange_round: the round's every micro-batch, forward and backward
-            self._flop_counter = FlopCounterMode(display=False)
-            self._flop_counter.__enter__()
+        assert self._session is not None
+        self._session.begin_step(self.optimizers, self.lightning_module)
         if self.workers_per_device == 1:
             return super().training_step(*args, **kwargs)
-        with self.precision_plugin.train_step_context():
-            return self._replicas.run_step(self.lightning_module, "training_step", *args, **kwargs)
+        with self.precision_plugin.train_step_context(), self._session.step_context():
+            return self._steps.run_step(self.lightning_module, "training_step", *args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.workers_per_device == 1:
             return super().validation_step(*args, **kwargs)
         with self.precision_plugin.val_step_context():
-            return self._replicas.run_step(self.lightning_module, "validation_step", *args, **kwargs)
+            return self._steps.run_step(self.lightning_module, "validation_step", *args, **kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.workers_per_device == 1:
             return super().test_step(*args, **kwargs)
         with self.precision_plugin.test_step_context():
-            return self._replicas.run_step(self.lightning_module, "test_step", *args, **kwargs)
+            return self._steps.run_step(self.lightning_module, "test_step", *args, **kwargs)
 
     def optimizer_step(
         self,
@@ -478,48 +412,36 @@ class LossyPSStrategy(DDPStrategy):
     ) -> Any:
         """The local step (precision plugin, clipping, closure) then one RPS round; under a gradient rule
         the round runs between the closure (backward) and clipping, so the step uses the aggregate."""
-        if self._gradient_exchange is not None:
+        assert self._session is not None
+        if self._session.gradient_exchange is not None:
             def closure_then_round() -> Any:
                 result = closure()
                 self.exchange_round()
                 return result
 
             output = super().optimizer_step(optimizer, closure_then_round, model, **kwargs)
-            self._thaw_down_workers()
+            self._session.thaw()
             return output
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self._thaw_down_workers()
+        self._session.thaw()
         self.exchange_round()
         return output
 
-    def _freeze_down_workers(self) -> None:
-        """Before a round's step: keep this process's workers that are down this round as they are."""
-        if not self.worker_failures or self._replicas is None:
-            return
-        k = self.workers_per_device
-        down = replace(self._spec, round=self.clock.rounds).down_workers  # not round_spec: it may need the compute time, counted later
-        rows = [w - self.first_worker for w in down if 0 <= w - self.first_worker < k]
-        if rows:
-            tensors, _ = self._replicas.trained_tensors()
-            self._frozen = FrozenWorkers(tensors, self._replicas.all_buffers(self.lightning_module), self.optimizers, rows, stacked=k > 1)
-
-    def _thaw_down_workers(self) -> None:
-        frozen, self._frozen = self._frozen, None
-        if frozen is not None:
-            frozen.restore()
-
-    def _stop_counting(self) -> None:
-        counter, self._flop_counter = self._flop_counter, None
-        counter.__exit__(None, None, None)
-        self.compute.step_flops = counter.get_total_flops() / self.workers_per_device
+    def exchange_round(self) -> RoundRecord:
+        """One round (:func:`pl_lossy.round.pipeline.run_round`), then the callbacks that define ``on_round_end``
+        (a round is not a Lightning hook)."""
+        assert self._session is not None, "the strategy is not fitting"
+        record = run_round(self._session, self.lightning_module)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None:
+            for cb in trainer.callbacks:
+                if callable(getattr(cb, "on_round_end", None)):
+                    cb.on_round_end(trainer, self)
+        return record
 
     def teardown(self) -> None:
-        if self._flop_counter is not None:  # a fit that failed mid-round
-            self._stop_counting()
-        self._mask_check.flush()
-        if self.network is not None and self.is_global_zero:
-            self.network.close()
-        self._exchange = self._gradient_exchange = None  # their scratch buffers go; the replicas stay (a later validate/test evaluates them)
+        if self._session is not None:
+            self._session.close()  # the session stays readable (clock, last round) until the next fit
         if self._clip_patched:
             del self.precision_plugin.clip_grad_by_norm
             self._clip_patched = False
@@ -527,137 +449,9 @@ class LossyPSStrategy(DDPStrategy):
             self._replicas.to(torch.device("cpu"), self.lightning_module)  # all workers, not just the module's worker 0
         super().teardown()
 
-    # ------------------------------------------------------------------ the round
-
-    @property
-    def round(self) -> int:
-        return self.clock.rounds
-
-    def round_spec(self, round_index: int) -> RoundSpec:
-        assert self._spec is not None, "the strategy is not set up"
-        spec = replace(self._spec, round=round_index)
-        if self.adaptive_deadline and self.clock.deadline_s is not None:
-            spec = replace(spec, deadline_s=self.clock.deadline_s)
-        if spec.has_stragglers:  # they start late by parts of the compute time (reproducible: "flops" or fixed)
-            spec = replace(spec, compute_s=self.compute.round_time_s(lambda: 0.0))
-        return spec
-
-    def exchange_round(self) -> RoundRecord:
-        assert self._exchange is not None, "the strategy is not set up"
-        compute = time.perf_counter() - self._compute_start if self._compute_start is not None else 0.0
-        if self._flop_counter is not None:
-            self._stop_counting()
-        spec = self.round_spec(self.clock.rounds)
-        outcome = self._obtain_outcome(spec)
-        down_workers = spec.down_workers
-        if self.worker_failures:  # whatever the network did, a down worker's packets are lost (pl_lossy.workers.failures)
-            up, down = outcome.up.copy(), outcome.down.copy()
-            fail_outcome(up, down, down_workers, spec.colocated_servers)
-            outcome = replace(outcome, up=up, down=down, stats={**outcome.stats, "workers_down": float(len(down_workers))})
-        up = torch.from_numpy(outcome.up)
-        down = torch.from_numpy(outcome.down)
-        masks = mask_hash(outcome) if self.world_size > 1 else 0.0  # one process has no one to disagree with
-        if self._gradient_exchange is not None:
-            side = self._gradient_exchange.step(up, down, self._all_reduce_sum, spec.round, (compute, masks))
-        else:
-            side = self._exchange.step(up, down, self._all_reduce_sum, (compute, masks))
-        self._mask_check.submit(spec.round, side[1], masks)
-        # measured compute is the slowest process's: reading it waits for the device, a modelled one does not
-        compute_s = self.compute.round_time_s(lambda: float(side[0].max()))
-        if spec.has_stragglers:  # the uplink starts when the fastest worker is done; the network waits for the rest
-            compute_s *= float(spec.compute_factors(self.network.seed).min())
-        self._sync_buffers(down_workers)
-        delivered = outcome.delivered_fractions(spec)
-        self.clock.advance(compute_s, outcome, delivered)
-        if self.adaptive_deadline:
-            self.clock.deadline_s = next_deadline(outcome, self.deadline_s, self.deadline_slack)
-        stats = outcome.stats if spec.deadline_s is None else {**outcome.stats, "deadline_s": spec.deadline_s}
-        self.last_round = RoundRecord(
-            spec.round, *delivered, outcome.up_time_s, outcome.down_time_s, compute_s, self.clock.sim_time_s, stats
-        )
-        if self.divergence_every and self.clock.rounds % self.divergence_every == 0:
-            rms, norm = self._exchange.divergence(self._all_reduce_sum)
-            self.last_divergence = rms / norm if norm > 0 else 0.0
-        if self.is_global_zero and not self.network.same_on_every_rank:
-            self.network.prefetch([self.round_spec(spec.round + 1)])
-        self._compute_start = None
-        if self.lightning_module is not None and self.lightning_module._trainer is not None:
-            trainer = self.lightning_module.trainer
-            for cb in trainer.callbacks:  # a round is not a Lightning hook: callbacks that want it define on_round_end
-                if callable(getattr(cb, "on_round_end", None)):
-                    cb.on_round_end(trainer, self)
-        return self.last_round
-
-    def _obtain_outcome(self, spec: RoundSpec) -> RoundOutcome:
-        """Rank 0 asks the network; the others get the masks by broadcast (or draw them when they can)."""
-        if self.world_size == 1 or self.network.same_on_every_rank:
-            return self.network.outcome(spec).check(spec)
-        n_up = int(np.prod(spec.up_shape))
-        n_packed = 2 * ((n_up + 7) // 8)
-        payload = np.zeros(17 + n_packed, dtype=np.uint8)  # [ok flag][2 x float64 times][up bits][down bits]
-        error: Optional[BaseException] = None
-        if self.is_global_zero:
-            try:
-                outcome = self.network.outcome(spec).check(spec)
-                payload[0] = 1
-                payload[1:17] = np.frombuffer(np.asarray([outcome.up_time_s, outcome.down_time_s]).tobytes(), np.uint8)
-                bits = np.concatenate([np.packbits(outcome.up.ravel()), np.packbits(outcome.down.ravel())])
-                payload[17:] = bits
-            except BaseException as exc:  # still broadcast, so the other ranks fail instead of hanging
-                error = exc
-        buf = torch.from_numpy(payload).to(self.root_device)
-        dist.broadcast(buf, src=0)
-        payload = buf.cpu().numpy()
-        if payload[0] != 1:
-            reason = [f"{type(error).__name__}: {error}" if error is not None else None]
-            dist.broadcast_object_list(reason, src=0)  # so every rank fails with rank 0's reason
-            if error is not None and not isinstance(error, Exception):
-                raise error  # KeyboardInterrupt and friends stay what they are
-            message = f"rank 0 could not obtain round {spec.round} from the network {self.network.describe()}: {reason[0]}"
-            raise RuntimeError(message) from error
-        if self.is_global_zero:
-            return outcome
-        times = np.frombuffer(payload[1:17].tobytes(), dtype=np.float64)
-        half = n_packed // 2
-        up = np.unpackbits(payload[17 : 17 + half], count=n_up).astype(bool).reshape(spec.up_shape)
-        down = np.unpackbits(payload[17 + half :], count=n_up).astype(bool).reshape(spec.down_shape)
-        return RoundOutcome(up, down, float(times[0]), float(times[1]))
-
     def _all_reduce_sum(self, tensor: Tensor) -> None:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-    def _sync_buffers(self, down_workers: tuple[int, ...] = ()) -> None:
-        """Make module buffers equal over all workers that are up, reliably (one collective per buffer dtype):
-        ``broadcast`` from the first worker up, ``average`` over the workers up; down workers keep theirs."""
-        if self.sync_buffers == "none":
-            return
-        up = [w for w in range(self.n_workers) if w not in down_workers] if down_workers else range(self.n_workers)
-        if len(up) <= 1:
-            return
-        assert self._replicas is not None and self.lightning_module is not None
-        k, first = self.workers_per_device, self.first_worker
-        rows = [j for j in range(k) if first + j not in down_workers]  # this process's workers that are up
-        buffers = self._replicas.all_buffers(self.lightning_module)  # each [k, ...]
-        for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
-            group = [b for b in buffers if b.dtype == dtype]
-            flat = torch.cat([b.reshape(k, -1) for b in group], dim=1)
-            if self.sync_buffers == "average" and dtype.is_floating_point:
-                synced = flat[rows].sum(0) if len(rows) < k else flat.sum(0)
-                self._all_reduce_sum(synced)
-                synced.div_(len(up))
-            else:
-                source = up[0]
-                synced = flat[source % k].clone()
-                if self.world_size > 1:
-                    dist.broadcast(synced, src=source // k)
-            for b, part in zip(group, synced.split([b[0].numel() for b in group])):
-                part = part.view_as(b[0])
-                if len(rows) == k:
-                    b.copy_(part.expand_as(b))
-                else:
-                    for row in rows:
-                        b[row].copy_(part)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -668,11 +462,10 @@ class LossyPSStrategy(DDPStrategy):
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint carries besides Lightning's own: the clock, dedicated servers' blocks, and
         every worker's parameters, buffers and optimizer state (gathered from every process: a collective)."""
+        session = self._session
         state: dict[str, Any] = {
-            "clock": asdict(self.clock),
-            "compute": self.compute.describe(),
+            **(session.state_dict() if session is not None else {"clock": asdict(SimClock()), "exchange": {}, "compute": self.compute.describe()}),
             "aggregation": self.aggregation,
-            "exchange": self._exchange.state_dict() if self._exchange is not None else {},
             "n_workers": self.n_workers,
             "workers_per_device": self.workers_per_device,
         }
@@ -692,24 +485,24 @@ class LossyPSStrategy(DDPStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        """Worker 0's replica into the module, then every worker of this process its own (or worker 0's,
-        from a checkpoint without per-worker state or with another worker count); the clock when fitting."""
+        """Worker 0's replica into the module, then every worker of this process its own (or worker 0's, from a
+        checkpoint with another worker count); the clock when fitting. Called outside a fit too (Lightning's
+        checkpoint connector restores a module attached to no Trainer), so it asks the module nothing of one."""
         super().load_model_state_dict(checkpoint, strict=strict)
         state = checkpoint.get(CHECKPOINT_KEY) or {}
         replicas, module = self._replicas, self.lightning_module
         if replicas is not None:
-            workers = self._own_workers(state)
+            workers = self._checkpoint_workers(state)
             if workers is not None:
                 replicas.load_worker_state(workers["params"], workers["buffers"], module)
             elif replicas.k > 1:
                 replicas.load_worker_state(*checkpointing.worker_zero_everywhere(replicas, module), module)
-        if state and module.trainer.state.fn == TrainerFn.FITTING:
-            self.clock = SimClock(**state["clock"])
-            if self._exchange is not None and state.get("exchange"):
-                self._exchange.load_state_dict(state["exchange"])
+        trainer = getattr(module, "_trainer", None)
+        if state and self._session is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._session.load_state_dict(state)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        workers = self._own_workers(checkpoint.get(CHECKPOINT_KEY) or {})
+        workers = self._checkpoint_workers(checkpoint.get(CHECKPOINT_KEY) or {}, warn=False)
         if workers is not None and workers["optimizers"]:
             per_optimizer = workers["optimizers"]
         elif self.workers_per_device > 1:  # only worker 0's (rank 0's): every worker starts from it
@@ -720,18 +513,20 @@ class LossyPSStrategy(DDPStrategy):
             optimizer.load_state_dict(checkpointing.stack_optimizer_state(optimizer, states))
             _optimizers_to_device([optimizer], self.root_device)
 
-    def _own_workers(self, state: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-        """This process's workers' slice of a checkpoint's per-worker state (None if it has none that fits)."""
+    def _checkpoint_workers(self, state: Mapping[str, Any], warn: bool = True) -> Optional[dict[str, Any]]:
+        """This process's workers' records in a checkpoint's per-worker state: their own when the checkpoint holds
+        as many workers as this run, else worker 0's for every one of them; None without per-worker state."""
         workers = state.get("workers")
         if workers is None:
             return None
-        if state.get("n_workers") != self.n_workers:
+        if state.get("n_workers") == self.n_workers:
+            return checkpointing.select_workers(workers, self.first_worker, self.workers_per_device)
+        if warn:
             rank_zero_warn(
                 f"lossy_ps: the checkpoint holds {state.get('n_workers')} workers' replicas, this run has {self.n_workers}: "
                 "every worker resumes from worker 0's replica"
             )
-            return None
-        return checkpointing.select_workers(workers, self.first_worker, self.workers_per_device)
+        return checkpointing.worker_zero_for(workers, self.workers_per_device)
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

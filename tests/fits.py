@@ -94,18 +94,19 @@ class RecordingLossyPS(LossyPSStrategy):
         self.rounds = []
 
     def exchange_round(self):
-        before = self._exchange.storage.clone()
+        exchange = self.session.exchange
+        before = exchange.storage.clone()
         record = super().exchange_round()
         spec = self.round_spec(record.round)
         down = self.network.outcome(spec).down
-        self.rounds.append((before, self._exchange.storage.clone(), down))
+        self.rounds.append((before, exchange.storage.clone(), down))
         return record
 
     def teardown(self):
         if self.rounds:
+            exchange = self.session.exchange
             torch.save(
-                {"rounds": self.rounds, "numel": self._exchange.layout.numel if self._exchange else None,
-                 "shape": self._exchange.layout.shape if self._exchange else None},
+                {"rounds": self.rounds, "numel": exchange.layout.numel, "shape": exchange.layout.shape},
                 self.record_dir / f"rounds{self.global_rank}.pt",
             )
         super().teardown()

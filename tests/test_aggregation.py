@@ -288,5 +288,5 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), aggregation=rule, workers_per_device=16, start_method="popen")
         fit_in_process(strategy, model, dm, "gpu", max_steps=6, limit_val_batches=2)
         params = strategy.replicas.worker_state(model)["params"]
-        assert strategy.replicas.mode == "vmap" and strategy.clock.rounds == 6 and torch.isfinite(params).all()
+        assert strategy.steps.mode == "vmap" and strategy.clock.rounds == 6 and torch.isfinite(params).all()
         assert (params[0] - params[1]).abs().max() > 0

@@ -151,9 +151,48 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         strategy = LossyPSStrategy(network=BernoulliNetwork(0.1, seed=1), workers_per_device=4, batching=batching, start_method="popen",
                                    compute_time_s=0.0, worker_failures=[[2, 2, 5]])
         fit_in_process(strategy, model, dm, "gpu", max_steps=7, limit_val_batches=0, callbacks=[rows])
-        assert strategy.replicas.mode == batching and rows.down == [0, 0, 1, 1, 1, 0, 0]
+        assert strategy.steps.mode == batching and rows.down == [0, 0, 1, 1, 1, 0, 0]
         for r in (2, 3, 4):
             assert torch.equal(rows.rows[r][2], rows.rows[1][2]) and not torch.equal(rows.rows[r][0], rows.rows[r - 1][0])
             assert all(torch.equal(b[2], b1[2]) for b, b1 in zip(rows.buffers[r], rows.buffers[1]))
             assert any(not torch.equal(b[0], b1[0]) for b, b1 in zip(rows.buffers[r], rows.buffers[1]) if b.is_floating_point())
         assert not torch.equal(rows.rows[5][2], rows.rows[1][2])
+
+
+STEP_COUNTED = [
+    lambda ps: torch.optim.Adam(ps), lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.Adamax(ps),
+    lambda ps: torch.optim.NAdam(ps), lambda ps: torch.optim.RAdam(ps), lambda ps: torch.optim.Adagrad(ps, lr_decay=0.1),
+]
+NO_STEP_COUNT = [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda ps: torch.optim.RMSprop(ps), lambda ps: torch.optim.Adadelta(ps),
+    lambda ps: torch.optim.Adagrad(ps),
+]
+
+
+@pytest.mark.parametrize("make", STEP_COUNTED)
+def test_failures_of_stacked_workers_refuse_an_optimizer_whose_update_counts_steps(make):
+    """One shared step count cannot stand still for a frozen row: refused before training, in one line."""
+    from pl_lossy.workers.failures import check_failure_optimizers
+
+    opt = make([torch.nn.Parameter(torch.zeros(3))])
+    name = type(opt).__name__
+    with pytest.raises(ValueError, match=f"workers_per_device > 1 freezes workers by rows, but {name}'s shared step count.*workers_per_device=1"):
+        check_failure_optimizers([opt], 2, ((1, 0, 3),))
+    check_failure_optimizers([opt], 1, ((1, 0, 3),))  # one worker a process: its whole state is restored
+    check_failure_optimizers([opt], 2, ())  # no failures: no frozen rows
+
+
+@pytest.mark.parametrize("make", NO_STEP_COUNT)
+def test_failures_of_stacked_workers_accept_an_optimizer_without_a_step_count_in_its_update(make):
+    from pl_lossy.workers.failures import check_failure_optimizers
+
+    check_failure_optimizers([make([torch.nn.Parameter(torch.zeros(3))])], 4, ((1, 0, 3),))
+
+
+def test_a_step_counting_param_group_among_others_is_refused():
+    from pl_lossy.workers.failures import check_failure_optimizers
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adagrad([{"params": [a]}, {"params": [b], "lr_decay": 0.01}])
+    with pytest.raises(ValueError, match="Adagrad's shared step count"):
+        check_failure_optimizers([torch.optim.SGD([a], lr=0.1), opt], 2, ((0, 1, 2),))

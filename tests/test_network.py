@@ -1,5 +1,7 @@
 """Analytic network models: rates, determinism, timing, trace record/replay."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -218,3 +220,188 @@ def test_the_adaptive_deadline_settles_below_a_straggler_and_never_above_its_cap
     assert seen[-1][1] < 0.2 and seen[-1][2] == 1.0  # ...and only the straggler's uplink is cut
     assert next_deadline(RoundOutcome(out.up, out.down, 1.0, 1.0, {"up_t50_s": 0.0, "down_t50_s": 0.1}), cap, 1.25) == cap
     assert next_deadline(RoundOutcome(out.up, out.down, 1.0, 1.0, {"up_t50_s": 1.0, "down_t50_s": 0.1}), cap, 1.25) == cap
+
+
+# --- worker failures: the network owns the schedule --------------------------------------------------------------
+
+
+ANALYTIC = [
+    lambda: BernoulliNetwork(0.1, link_rate_bps=1e9, latency_s=10e-6, seed=4),
+    lambda: GilbertElliottNetwork(0.01, 0.2, link_rate_bps=1e9, latency_s=10e-6, seed=4),
+    lambda: ReliableNetwork(link_rate_bps=1e9, latency_s=10e-6, seed=4),
+]
+
+
+@pytest.mark.parametrize("make", ANALYTIC)
+@pytest.mark.parametrize("colocated, S", [(True, 4), (False, 2)])
+def test_an_analytic_network_loses_a_down_workers_packets_and_times_the_round_as_if_it_were_absent(make, colocated, S):
+    net = make()
+    kw = dict(P=20, packet_bytes=1400, colocated_servers=colocated)
+    failed = spec(r=1, W=4, S=S, worker_failures=((3, 0, 5),), **kw)
+    out = net.outcome(failed).check(failed)
+    assert not out.up[3, :3].any() and not out.down[:3, 3].any()  # worker 3 sends and receives nothing...
+    if colocated:  # ...nor does its server, but for its own block, which never crosses the network
+        assert not out.up[:3, 3].any() and not out.down[3, :3].any() and out.up[3, 3].all() and out.down[3, 3].all()
+    else:
+        assert not out.up[3].any() and not out.down[:, 3].any()
+    assert out.stats["workers_down"] == 1.0
+    absent = spec(r=1, W=3, S=min(S, 3), **kw)  # the same round with worker 3 (and its server) not there at all
+    assert (out.up_time_s, out.down_time_s) == pytest.approx(net.timing.phase_times(absent))
+    up_at, down_at = net.timing.packet_arrivals(failed)
+    absent_up, absent_down = net.timing.packet_arrivals(absent)
+    live = min(S, 3)
+    assert np.allclose(up_at[:3, :live], absent_up) and np.allclose(down_at[:live, :3], absent_down)
+    assert (up_at[3] == 0).all() and (down_at[:, 3] == 0).all()
+    whole = net.outcome(spec(r=1, W=4, S=S, **kw))  # the cut leaves the live workers' draws alone
+    assert np.array_equal(out.up[:3, :live], whole.up[:3, :live]) and np.array_equal(out.down[:live, :3], whole.down[:live, :3])
+
+
+def test_a_deadline_with_a_down_worker_cuts_as_if_it_were_absent():
+    net = ReliableNetwork(link_rate_bps=1e9, latency_s=10e-6)
+    absent = spec(W=3, S=3, P=20)
+    deadline = 0.6 * net.timing.phase_times(absent)[0]
+    cut = net.outcome(spec(W=4, S=4, P=20, deadline_s=deadline, worker_failures=((3, 0, 1),)))
+    alone = net.outcome(RoundSpec(**{**absent.__dict__, "deadline_s": deadline}))
+    assert np.array_equal(cut.up[:3, :3], alone.up) and np.array_equal(cut.down[:3, :3], alone.down)
+    assert (cut.up_time_s, cut.down_time_s) == (alone.up_time_s, alone.down_time_s)
+
+
+@pytest.mark.parametrize("make", ANALYTIC)
+def test_a_down_slow_worker_does_not_lengthen_the_uplink(make):
+    net = make()
+    s = spec(W=4, S=4, P=1, compute_s=1e-3, slow_workers=((3, 10.0),), worker_failures=((3, 0, 1),))
+    out = net.outcome(s)
+    free = net.timing.phase_times(spec(W=3, S=3, P=1))[0]
+    assert out.up_time_s == pytest.approx(free) and out.up_time_s < 1e-3  # not the 9 ms worker 3 would have taken
+    # the fastest (down) worker does not set when the uplink starts: the slow live worker starts compute_s x (2 - 1) late
+    s = spec(W=4, S=4, P=1, compute_s=1e-3, slow_workers=((1, 0.5), (2, 2.0)), worker_failures=((1, 0, 1),))
+    assert s.start_offsets_s(0) == pytest.approx([0.0, 0.0, 1e-3, 0.0])
+    assert net.outcome(s).up_time_s == pytest.approx(1e-3 + net.timing.phase_times(spec(W=3, S=3, P=1))[0], rel=0.05)
+
+
+def test_the_fastest_compute_factor_is_over_the_workers_up():
+    kw = dict(W=4, S=4, P=1, compute_s=1e-3, slow_workers=((0, 0.5), (2, 3.0)), worker_failures=((0, 0, 2),))
+    assert spec(r=0, **kw).fastest_compute_factor(0) == 1.0  # worker 0 (0.5) is down
+    assert spec(r=2, **kw).fastest_compute_factor(0) == 0.5  # ...and back
+    assert spec(W=4, S=4, P=1).fastest_compute_factor(0) == 1.0  # no stragglers
+    everyone = spec(W=2, S=2, P=1, compute_s=1e-3, slow_workers=((0, 2.0), (1, 3.0)), worker_failures=((0, 0, 1), (1, 0, 1)))
+    assert everyone.fastest_compute_factor(0) == 1.0  # nobody up
+    jitter = spec(r=3, W=6, S=6, P=1, compute_s=1e-3, compute_jitter=0.5, worker_failures=((1, 0, 9), (4, 2, 5)))
+    factors = jitter.compute_factors(7)
+    assert jitter.fastest_compute_factor(7) == factors[[0, 2, 3, 5]].min()
+    offsets = jitter.start_offsets_s(7)
+    assert (offsets >= 0).all() and offsets[[0, 2, 3, 5]].min() == 0.0
+
+
+def test_an_outcome_delivering_a_down_workers_packets_is_refused():
+    from pl_lossy.workers.failures import fail_outcome
+
+    s = RoundSpec(0, 4, 4, 3, worker_failures=((1, 0, 1),))
+    message = r"round 0: worker 1 is down \(worker_failures\) but the network delivered its packets: .*spec.down_workers"
+    with pytest.raises(ValueError, match=message):
+        RoundOutcome(np.ones(s.up_shape, bool), np.ones(s.down_shape, bool), 0.0, 0.0).check(s)
+    up, down = np.ones(s.up_shape, bool), np.ones(s.down_shape, bool)
+    fail_outcome(up, down, s.down_workers, s.colocated_servers)
+    RoundOutcome(up.copy(), down.copy(), 0.0, 0.0).check(s)  # its own block [1, 1] stays delivered, as fail_outcome leaves it
+    for mask, index in (("up", (0, 1, 2)), ("down", (3, 1, 0)), ("down", (1, 2, 1)), ("up", (1, 3, 0))):
+        bad = {"up": up.copy(), "down": down.copy()}
+        bad[mask][index] = True  # one packet to its server, to it, from its server, from it
+        with pytest.raises(ValueError, match=message):
+            RoundOutcome(bad["up"], bad["down"], 0.0, 0.0).check(s)
+    own = up.copy()
+    own[1, 1, 0] = False
+    with pytest.raises(ValueError, match="co-located server's own block must be delivered"):
+        RoundOutcome(own, down, 0.0, 0.0).check(s)
+    dedicated = RoundSpec(0, 4, 2, 3, colocated_servers=False, worker_failures=((1, 0, 1),))
+    up, down = np.ones(dedicated.up_shape, bool), np.ones(dedicated.down_shape, bool)
+    up[1], down[:, 1] = False, False
+    RoundOutcome(up, down, 0.0, 0.0).check(dedicated)  # server 1 is a host of its own: it is up
+
+
+# --- traces key on every field of the round ------------------------------------------------------------------------
+
+
+def test_a_trace_of_stragglers_and_failures_replays_only_into_the_same_rounds(tmp_path):
+    path = tmp_path / "t.npz"
+    kw = dict(W=4, S=4, P=20, compute_s=1e-3, slow_workers=((3, 3.0),), worker_failures=((2, 1, 3),))
+    rec = TraceRecorder(BernoulliNetwork(0.1, seed=3), path)
+    specs = [spec(r, **kw) for r in range(4)]
+    originals = [rec.outcome(s) for s in specs]
+    rec.close()
+    replay = TraceNetwork(path)
+    assert replay.seed == 3
+    replay.check_round(RoundSpec(**{**specs[0].__dict__, "compute_s": 0.0}))  # what a strategy checks before launch
+    replay.check_run(specs[0], 4)
+    for s, o in zip(specs, originals):
+        got = replay.outcome(s)
+        assert np.array_equal(got.up, o.up) and np.array_equal(got.down, o.down)
+        assert (got.up_time_s, got.down_time_s) == (o.up_time_s, o.down_time_s)
+    plain = spec(1, W=4, S=4, P=20)
+    with pytest.raises(ValueError, match=r"round 1 .*slow_workers.*worker_failures"):
+        replay.outcome(RoundSpec(**{**plain.__dict__, "compute_s": 1e-3}))
+    with pytest.raises(ValueError, match="worker_failures"):
+        replay.outcome(RoundSpec(**{**specs[1].__dict__, "worker_failures": ()}))
+    with pytest.raises(ValueError, match="compute_s"):
+        replay.outcome(RoundSpec(**{**specs[1].__dict__, "compute_s": 2e-3}))
+    with pytest.raises(ValueError, match="slow_workers"):
+        replay.check_round(plain)
+    with pytest.raises(ValueError, match="worker_failures"):
+        replay.check_run(RoundSpec(**{**specs[0].__dict__, "worker_failures": ()}), 4)
+
+
+def test_a_trace_of_rounds_with_differing_deadlines_records_and_replays(tmp_path):
+    path = tmp_path / "t.npz"
+    rec = TraceRecorder(BernoulliNetwork(0.0, link_rate_bps=1e9, latency_s=10e-6, seed=1), path)
+    specs = [spec(r, W=4, S=4, P=20, deadline_s=4e-4 / (r + 1)) for r in range(4)]  # an adaptive deadline: one per round
+    originals = [rec.outcome(s) for s in specs]
+    rec.close()
+    replay = TraceNetwork(path)
+    replay.check_round(specs[0])
+    replay.check_run(spec(0, W=4, S=4, P=20, deadline_s=1.0), 4)  # the deadline varies: not a run-level field
+    for s, o in zip(reversed(specs), reversed(originals)):
+        got = replay.outcome(s)
+        assert np.array_equal(got.up, o.up) and np.array_equal(got.down, o.down) and got.up_time_s == o.up_time_s
+    assert not originals[-1].up.all()  # the deadlines mattered
+    with pytest.raises(ValueError, match=r"round 2 .*deadline_s"):
+        replay.outcome(specs[1].__class__(**{**specs[2].__dict__, "deadline_s": 1e-3}))
+    with pytest.raises(ValueError, match="packets_per_block"):
+        replay.check_round(spec(0, W=4, S=4, P=21, deadline_s=4e-4))
+    with np.load(path) as z:  # the format grew arrays; ``spec`` stays, with the fields every round shares
+        assert "deadline_s" not in str(z["spec"]) and "n_workers" in str(z["spec"]) and str(z["network"]).startswith("Bernoulli")
+    with pytest.raises(ValueError, match=r"a trace holds the rounds of one run; round 4 has slow_workers=\[\[1, 2.0\]\]"):
+        rec.outcome(spec(4, W=4, S=4, P=20, deadline_s=1e-4, compute_s=1e-3, slow_workers=((1, 2.0),)))
+
+
+def test_a_trace_in_the_old_format_still_replays(tmp_path):
+    s = spec(0, W=3, S=3, P=10)
+    outs = [BernoulliNetwork(0.3, seed=5).outcome(spec(r, W=3, S=3, P=10)) for r in range(3)]
+    old_spec = {"n_workers": 3, "n_servers": 3, "packets_per_block": 10, "packet_bytes": 1400, "transport": "udp",
+                "colocated_servers": True}
+    path = tmp_path / "old.npz"
+    np.savez_compressed(
+        path,
+        rounds=np.arange(3, dtype=np.int64),
+        up=np.stack([np.packbits(o.up.ravel()) for o in outs]),
+        down=np.stack([np.packbits(o.down.ravel()) for o in outs]),
+        up_time_s=np.asarray([o.up_time_s for o in outs]),
+        down_time_s=np.asarray([o.down_time_s for o in outs]),
+        spec=np.asarray(json.dumps(old_spec)),
+    )
+    replay = TraceNetwork(path)
+    replay.check_run(s, 3)
+    assert replay.seed == 0 and replay.transport == "udp"
+    for r, o in enumerate(outs):
+        got = replay.outcome(spec(r, W=3, S=3, P=10))
+        assert np.array_equal(got.up, o.up) and np.array_equal(got.down, o.down) and got.up_time_s == o.up_time_s
+    with pytest.raises(ValueError, match="slow_workers"):
+        replay.outcome(spec(0, W=3, S=3, P=10, compute_s=1e-3, slow_workers=((1, 2.0),)))
+    with pytest.raises(ValueError, match="worker_failures"):
+        replay.check_round(spec(0, W=3, S=3, P=10, worker_failures=((1, 0, 1),)))
+    with pytest.raises(ValueError, match="deadline_s"):
+        replay.outcome(spec(0, W=3, S=3, P=10, deadline_s=1e-3))
+    dl = tmp_path / "old_deadline.npz"
+    with np.load(path) as z:
+        np.savez_compressed(dl, **{**{k: z[k] for k in z.files}, "spec": np.asarray(json.dumps({**old_spec, "deadline_s": 1e-3}))})
+    TraceNetwork(dl).outcome(spec(1, W=3, S=3, P=10, deadline_s=1e-3))
+    with pytest.raises(ValueError, match="deadline_s"):
+        TraceNetwork(dl).outcome(spec(1, W=3, S=3, P=10))

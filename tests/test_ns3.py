@@ -745,3 +745,21 @@ def test_a_cut_leaf_spine_link_with_rerouting_loses_nothing_the_other_spine_carr
     assert after.up_time_s == pytest.approx(whole.up_time_s, rel=0.02)  # the routes are back
     for a, b in zip(forward, backward):
         assert a.up_time_s == b.up_time_s and a.down_time_s == b.down_time_s
+
+
+def test_the_pongs_simulator_identity_is_checked_and_absent_only_from_older_bridges():
+    assert protocol.parse_simulator({"type": "pong", "simulator": "ns3 3.44; sim 0123456789abcdef"}) == "ns3 3.44; sim 0123456789abcdef"
+    assert protocol.parse_simulator({"type": "pong"}) is None  # a bridge from before the field
+    for wrong in (None, 42, True, "", " ns3 3.44", "ns3\n3.44", "x" * 300, ["ns3"], {"v": 1}):
+        with pytest.raises(protocol.ProtocolError, match="'simulator'"):
+            protocol.parse_simulator({"type": "pong", "simulator": wrong})
+
+
+def test_the_bridge_reports_the_identity_of_the_engine_it_runs(bridge):
+    """The same notion as the outcome store's: a bridge of this installation reports this machine's identity."""
+    from ns3_bridge.server import simulator_identity as bridge_identity
+    from pl_lossy.network.outcome_store import simulator_identity
+
+    assert bridge.client.ping()["simulator"] == simulator_identity() == bridge_identity()
+    assert bridge.client.simulator == simulator_identity()
+    assert bridge_identity("9.99") != bridge_identity()  # another ns-3, another identity

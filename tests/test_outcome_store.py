@@ -130,7 +130,7 @@ def test_a_second_run_with_another_learning_rate_replays_every_round_and_sees_th
     first = _fit(bridge, store, 0.1, tmp_path / "first.npz")
     assert (first["hits"], first["misses"], first["written"], first["rounds"]) == (0, 6, 6, 6)
     second = _fit(bridge, store, 0.05, tmp_path / "second.npz")
-    assert (second["hits"], second["misses"], second["written"]) == (6, 0, 0)  # no round simulated: no bridge asked
+    assert (second["hits"], second["misses"], second["written"]) == (6, 0, 0)  # no round simulated: the bridge was only asked its identity
     a, b = trace_masks(tmp_path / "first.npz"), trace_masks(tmp_path / "second.npz")
     assert np.array_equal(a["up"], b["up"]) and np.array_equal(a["down"], b["down"])
     assert np.array_equal(a["up_time_s"], b["up_time_s"])
@@ -167,3 +167,138 @@ def test_the_simulator_identity_is_the_same_where_neither_ns3_nor_this_package_i
     monkeypatch.setattr(importlib.metadata, "requires", absent)
     assert outcome_store.simulator_identity.__wrapped__() == here
     assert "unknown" not in here
+
+
+# ---------------------------------------------------------------------- whose simulator keys a round
+
+
+class _FakeBridge:
+    """A bridge without ns-3 (a thread): its pong reports ``simulator`` (or none, as bridges before the
+    field did) and every round it simulates has masks all ``fill``, so a test sees which bridge made a
+    round it is served."""
+
+    def __init__(self, tmp_path, simulator, fill):
+        import threading
+        import uuid
+
+        import zmq
+
+        self.endpoint = f"ipc://{tmp_path}/fake-{uuid.uuid4().hex[:8]}.ipc"
+        self.simulator, self.fill = simulator, fill
+        self.simulated = 0  # rounds asked for by 'outcome'
+        self._sock = zmq.Context.instance().socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(self.endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)  # the socket is used by this thread only
+        self._thread.start()
+
+    def _serve(self):
+        from ns3_bridge import protocol
+
+        while not self._stop.is_set():
+            if self._sock.poll(50):
+                header, _ = protocol.decode(self._sock.recv_multipart())
+                self._sock.send_multipart(self._reply(header))
+        self._sock.close(0)
+
+    def _reply(self, header):
+        from ns3_bridge import protocol
+        from ns3_bridge.sim.round import SimulatedRound
+
+        if header["type"] == "ping":
+            extra = {} if self.simulator is None else {"simulator": self.simulator}
+            return protocol.encode({"type": "pong", "configured": True, **extra})
+        if header["type"] != "outcome":
+            return protocol.encode({"type": "ok", "queued": 0})
+        metas, frames = [], []
+        for s in protocol.parse_rounds(header):
+            self.simulated += 1
+            up = np.full((s.n_workers, s.n_servers, s.packets_per_block), self.fill)
+            down = np.full((s.n_servers, s.n_workers, s.packets_per_block), self.fill)
+            meta, masks = protocol.encode_round(SimulatedRound(up, down, 1e-3, 1e-3, {}), s.round)
+            metas.append(meta)
+            frames.extend(masks)
+        return protocol.encode({"type": "outcome", "rounds": metas}, frames)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _spec(round_index=0):
+    from pl_lossy.network import RoundSpec
+
+    return RoundSpec(round=round_index, n_workers=2, n_servers=2, packets_per_block=5, packet_bytes=100)
+
+
+def _on(bridge, store):
+    from pl_lossy import Ns3Network
+
+    return Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=4, store=str(store), timeout_s=10)
+
+
+def test_a_round_is_keyed_by_the_bridge_that_simulated_it_and_not_served_to_another(tmp_path):
+    """A bridge of another ns-3 or engine fills the store; a run on a bridge of this identity must not
+    replay those rounds (it simulates its own), while a run on the first bridge again does."""
+    a = _FakeBridge(tmp_path, "ns3 3.44; sim aaaaaaaaaaaaaaaa", fill=True)
+    b = _FakeBridge(tmp_path, "ns3 3.45; sim bbbbbbbbbbbbbbbb", fill=False)
+    store = tmp_path / "s.sqlite"
+    try:
+        on_a, on_b = _on(a, store), _on(b, store)
+        assert on_a.outcome(_spec()).up.all() and a.simulated == 1
+        second = on_b.outcome(_spec())
+        assert not second.up.any() and b.simulated == 1  # simulated by b, not a's stored round
+        assert on_a._key(_spec(), 0) != on_b._key(_spec(), 0)
+        assert on_b.store_summary()["hits"] == 0
+        again = _on(a, store)
+        assert again.outcome(_spec()).up.all() and a.simulated == 1  # the same bridge identity: replayed
+        assert again.store_summary()["hits"] == 1
+        for network in (on_a, on_b, again):
+            network.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_bridge_that_reports_no_identity_gets_no_stored_rounds_and_stores_none(tmp_path, caplog):
+    old = _FakeBridge(tmp_path, None, fill=True)
+    store = tmp_path / "s.sqlite"
+    try:
+        network = _on(old, store)
+        with caplog.at_level(logging.WARNING):
+            network.outcome(_spec())
+            network.outcome(_spec())
+        assert old.simulated == 2  # nothing kept, nothing replayed
+        assert caplog.text.count("reports no simulator identity") == 1
+        network.close()
+        assert not store.exists() or OutcomeStore(store).size()["rounds"] == 0
+    finally:
+        old.stop()
+
+
+def test_a_run_with_its_own_bridge_replays_stored_rounds_without_starting_it(tmp_path):
+    """Its bridge would run this installation's engine: the key is predicted here, no bridge is started."""
+    from pl_lossy import Ns3Network
+
+    network = Ns3Network(loss_rate=0.1, seed=4, store=str(tmp_path / "s.sqlite"))
+    network.store.put(network._key(_spec(), 0), _outcome(1, (2, 2, 5)))
+    assert _same(network.outcome(_spec()), _outcome(1, (2, 2, 5)))
+    assert network.bridge_pid is None
+    network.close()
+
+
+def test_a_malformed_simulator_identity_is_a_clear_bridge_error(tmp_path):
+    import pytest
+
+    from ns3_bridge.client import BridgeError
+
+    odd = _FakeBridge(tmp_path, 42, fill=True)
+    try:
+        network = _on(odd, tmp_path / "s.sqlite")
+        with pytest.raises(BridgeError, match=f"bridge at {odd.endpoint} sent a malformed reply: pong field 'simulator'"):
+            network.outcome(_spec())
+        assert odd.simulated == 0  # refused before any round
+        network.close()
+    finally:
+        odd.stop()

@@ -353,7 +353,7 @@ def test_processes_applying_different_masks_fail_the_fit_naming_the_round():
 
 
 def test_mask_agreement_check_fails_on_a_mismatch_and_passes_on_agreement():
-    from pl_lossy.strategy import MaskAgreement
+    from pl_lossy.round.masks import MaskAgreement
 
     check = MaskAgreement()
     check.submit(7, torch.tensor([5.0, 5.0]), 5.0)

@@ -100,7 +100,7 @@ def test_auto_batching_falls_back_to_the_loop_for_a_step_vmap_cannot_batch(tmp_p
     model = ItemInStep(functools.partial(MLP, hidden=(64,)), dm.input_shape, dm.num_classes)
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), workers_per_device=2, start_method="popen")
     fit_in_process(strategy, model, dm, max_steps=3, limit_val_batches=0)
-    assert strategy.replicas.mode == "loop"
+    assert strategy.steps.mode == "loop"
     assert any("could not batch it" in r.getMessage() for r in caplog.records)
 
 
@@ -162,7 +162,7 @@ def test_bf16_mixed_batchnorm_workers_train_batched():
     strategy = LossyPSStrategy(network=BernoulliNetwork(0.2, seed=3), workers_per_device=2, start_method="popen")
     fit_in_process(strategy, model, dm, precision="bf16-mixed", max_steps=2, limit_val_batches=0)
     params = strategy.replicas.worker_state(model)["params"]
-    assert strategy.replicas.mode == "vmap"  # BatchNorm under autocast batched (it runs in fp32 inside the vmap)
+    assert strategy.steps.mode == "vmap"  # BatchNorm under autocast batched (it runs in fp32 inside the vmap)
     assert torch.isfinite(params).all() and (params[0] - params[1]).abs().max() > 0
 
 
@@ -282,7 +282,7 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         strategy = LossyPSStrategy(network=BernoulliNetwork(0.1), workers_per_device=4, start_method="popen", compute_time_s=0.0)
         fit_in_process(strategy, model, dm, "gpu", precision=precision, max_steps=6, limit_val_batches=2)
         params = strategy.replicas.worker_state(model)["params"]
-        assert strategy.replicas.mode == "vmap" and torch.isfinite(params).all()
+        assert strategy.steps.mode == "vmap" and torch.isfinite(params).all()
         assert (params[0] - params[1]).abs().max() > 0
 
     def _resnet_workers_on_gpu(batching, precision="32-true", steps=6, logger=False):
@@ -301,7 +301,7 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         _, params, buffers = _resnet_workers_on_gpu("vmap", precision)
         strategy, graphed, graphed_buffers = _resnet_workers_on_gpu("cuda_graph", precision)
-        assert strategy.replicas.mode == "cuda_graph" and strategy.replicas.graph_captures == 1
+        assert strategy.steps.mode == "cuda_graph" and strategy.steps.graph_captures == 1
         assert (params[0] - params[1]).abs().max() > 1e-4
         tol = 1e-4 if precision == "32-true" else 2e-2
         torch.testing.assert_close(graphed, params, rtol=0, atol=tol)
@@ -310,13 +310,13 @@ if torch.cuda.is_available():  # collected only where there is a GPU (run them t
 
     def test_cuda_graph_logs_every_steps_own_loss(tmp_path):
         strategy, _, _ = _resnet_workers_on_gpu("cuda_graph", logger=CSVLogger(tmp_path, name="m"))
-        assert strategy.replicas.mode == "cuda_graph"
+        assert strategy.steps.mode == "cuda_graph"
         rows = list(csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")))
         losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
         assert len(losses) == 6 and len(set(losses)) == 6  # replays log their own values, not the capture's
 
     def test_cuda_mask_agreement_is_checked_one_round_later_without_waiting():
-        from pl_lossy.strategy import MaskAgreement
+        from pl_lossy.round.masks import MaskAgreement
 
         check = MaskAgreement()
         check.submit(4, torch.tensor([3.0, 9.0], device="cuda"), 3.0)  # queued, not read yet

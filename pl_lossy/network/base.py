@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ns3_bridge.sim.round import TRANSPORTS
+from ns3_bridge.sim.round import TRANSPORTS, fail_outcome
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,25 @@ class RoundSpec:
         """Workers down this round (``worker_failures``; see :mod:`pl_lossy.workers.failures`)."""
         return tuple(sorted({w for w, first, last in self.worker_failures if first <= self.round < last}))
 
+    def workers_up(self) -> np.ndarray:
+        """Boolean ``[n_workers]``: True for the workers up this round (not in :attr:`down_workers`)."""
+        up = np.ones(self.n_workers, dtype=bool)
+        up[list(self.down_workers)] = False
+        return up
+
+    def remote_pairs(self) -> np.ndarray:
+        """Boolean ``[n_workers, n_servers]``: True where worker i's block j crosses the network this round:
+        not a co-located pair, and both hosts up (a down worker, with co-located servers its server too,
+        has no traffic: the same pairs as the simulator's ``RoundShape.remote_pairs``)."""
+        remote = ~self.local_pairs()
+        down = list(self.down_workers)
+        if down:
+            remote = remote.copy()
+            remote[down] = False
+            if self.colocated_servers:
+                remote[:, [w for w in down if w < self.n_servers]] = False
+        return remote
+
     @property
     def has_stragglers(self) -> bool:
         """Whether workers finish computing at different times (``compute_jitter`` or ``slow_workers``)."""
@@ -91,13 +110,24 @@ class RoundSpec:
             factors[worker] *= factor
         return factors
 
+    def fastest_compute_factor(self, seed: int) -> float:
+        """The smallest of :meth:`compute_factors` over the workers up this round: the uplink phase starts when
+        the fastest of them is done (a down worker computes nothing the round waits for). 1.0 without
+        stragglers or with nobody up."""
+        if not self.has_stragglers:
+            return 1.0
+        up = self.workers_up()
+        return float(self.compute_factors(seed)[up].min()) if up.any() else 1.0
+
     def start_offsets_s(self, seed: int) -> np.ndarray | None:
-        """When each worker's uplink starts, from the uplink phase's start (when the fastest worker finished
-        computing): ``compute_s x (factor_w - min factor)``; None without stragglers."""
+        """When each worker's uplink starts, from the uplink phase's start (when the fastest worker up finished
+        computing): ``compute_s x (factor_w - fastest factor)``, 0 for a down worker (it sends nothing);
+        None without stragglers."""
         if not self.has_stragglers:
             return None
-        factors = self.compute_factors(seed)
-        return self.compute_s * (factors - factors.min())
+        offsets = self.compute_s * (self.compute_factors(seed) - self.fastest_compute_factor(seed))
+        offsets[~self.workers_up()] = 0.0  # never negative, which the simulator would refuse
+        return offsets
 
     @property
     def block_bytes(self) -> int:
@@ -144,8 +174,10 @@ class RoundOutcome:
     stats: dict[str, float] = field(default_factory=dict)
 
     def check(self, spec: RoundSpec) -> "RoundOutcome":
-        """Raise ValueError unless the masks have the shapes ``spec`` asks for and a co-located server's
-        own copies (``up[j, j]``, ``down[j, j]``), which never cross the network, are delivered."""
+        """Raise ValueError unless the masks have the shapes ``spec`` asks for, a co-located server's
+        own copies (``up[j, j]``, ``down[j, j]``), which never cross the network, are delivered (a down
+        worker's too: it keeps its own block, see ``fail_outcome``) and nothing a down worker (or its
+        co-located server) would send or receive is delivered."""
         if self.up.shape != spec.up_shape or self.up.dtype != np.bool_:
             raise ValueError(f"outcome.up must be bool {spec.up_shape}, got {self.up.dtype} {self.up.shape}")
         if self.down.shape != spec.down_shape or self.down.dtype != np.bool_:
@@ -156,7 +188,22 @@ class RoundOutcome:
                 f"round {spec.round}: a co-located server's own block must be delivered (up[j, j] and down[j, j] all True): "
                 "it never crosses the network"
             )
+        for worker in spec.down_workers:  # usually none: the check costs nothing then
+            if self._delivers_for(spec, worker):
+                raise ValueError(
+                    f"round {spec.round}: worker {worker} is down (worker_failures) but the network delivered its packets: "
+                    "a NetworkModel must honour spec.down_workers (see pl_lossy.workers.failures.fail_outcome)"
+                )
         return self
+
+    def _delivers_for(self, spec: RoundSpec, worker: int) -> bool:
+        """Whether a packet from or to down ``worker`` (or its co-located server) arrived, its own block aside."""
+        pairs = np.zeros((spec.n_workers, spec.n_servers), dtype=bool)  # [W, S]: the pairs it takes part in
+        pairs[worker] = True
+        if spec.colocated_servers and worker < spec.n_servers:
+            pairs[:, worker] = True
+        pairs &= ~spec.local_pairs()
+        return bool(self.up[pairs].any() or self.down.transpose(1, 0, 2)[pairs].any())
 
     @property
     def comm_time_s(self) -> float:
@@ -275,8 +322,9 @@ class StarTiming:
         at most one packet per ``t``, so where receivers have more senders than senders have flows, slots
         stretch by that ratio ``r``. Packet ``k`` arrives at ``(k + 1) x t x r + latency``: the last one at
         :meth:`phase_times`'s phase time. ``start_offsets_s`` (stragglers) delays each worker's uplink.
+        Only :meth:`RoundSpec.remote_pairs` are timed: a down host sends nothing, so takes no slot (0 there).
         """
-        remote = ~spec.local_pairs()  # [W, S]
+        remote = spec.remote_pairs()  # [W, S]
         t = spec.packet_bytes * 8 / self.link_rate_bps
 
         def one_phase(remote: np.ndarray) -> np.ndarray:  # [senders, receivers] -> [senders, receivers, P]
@@ -294,7 +342,8 @@ class StarTiming:
         return up, one_phase(remote.T)
 
     def phase_times(self, spec: RoundSpec) -> tuple[float, float]:
-        remote = ~spec.local_pairs()  # [W, S]
+        """Each phase's time, over :meth:`RoundSpec.remote_pairs` (down hosts carry nothing); (0, 0) without any."""
+        remote = spec.remote_pairs()  # [W, S]
         # Uplink: worker i sends to every remote server; server j receives from every remote worker.
         blocks_busiest = max(int(remote.sum(axis=1).max()), int(remote.sum(axis=0).max()))
         if blocks_busiest == 0:
@@ -305,26 +354,32 @@ class StarTiming:
 
 def star_outcome(spec: RoundSpec, up: np.ndarray, down: np.ndarray, timing: StarTiming, seed: int = 0) -> RoundOutcome:
     """An analytic model's outcome: co-located pairs delivered (they never cross the network), star timing;
-    with a deadline, packets that would arrive after it (:meth:`StarTiming.packet_arrivals`) are lost and
-    each phase lasts at most the deadline; stragglers (``seed`` draws them) start their uplink late."""
+    down workers (``spec.down_workers``; with co-located servers their servers too) send and receive nothing
+    (``fail_outcome``; stats ``workers_down``) and the round is timed as if they were absent; with a deadline,
+    packets that would arrive after it (:meth:`StarTiming.packet_arrivals`) are lost and each phase lasts at
+    most the deadline; stragglers (``seed`` draws them) start their uplink late. Changes ``up``/``down`` in place."""
     local = spec.local_pairs()
     up[local] = True
     down[local.T] = True
+    stats: dict[str, float] = {}
+    if spec.down_workers:
+        fail_outcome(up, down, spec.down_workers, spec.colocated_servers)
+        stats["workers_down"] = float(len(spec.down_workers))
     up_t, down_t = timing.phase_times(spec)
     offsets = spec.start_offsets_s(seed)
     if offsets is None and spec.deadline_s is None:
-        return RoundOutcome(up, down, up_t, down_t)
+        return RoundOutcome(up, down, up_t, down_t, stats)
     up_at, down_at = timing.packet_arrivals(spec, offsets)
     if offsets is not None:
         up_t = max(up_t, float(up_at.max()))  # the uplink lasts until the late senders' last packets arrive
     if spec.deadline_s is None:
-        return RoundOutcome(up, down, up_t, down_t)
+        return RoundOutcome(up, down, up_t, down_t, stats)
     deadline = spec.deadline_s
     late_up, late_down = (up_at > deadline) & up, (down_at > deadline) & down  # arrived, but after the deadline
     up &= ~late_up
     down &= ~late_down
-    stats = {"packets_late": float(late_up.sum() + late_down.sum())}
-    remote = ~local
+    stats["packets_late"] = float(late_up.sum() + late_down.sum())
+    remote = spec.remote_pairs()
     for phase, arrived, at in (("up", up & remote[:, :, None], up_at), ("down", down & remote.T[:, :, None], down_at)):
         stats[f"{phase}_t50_s"] = float(np.median(at[arrived])) if arrived.any() else 0.0  # what an adaptive deadline reads
     return RoundOutcome(up, down, min(up_t, deadline), min(down_t, deadline), stats)

@@ -65,7 +65,11 @@ class Ns3Network(NetworkModel):
 
     ``store``: simulated rounds are kept in an SQLite outcome store and replayed by later runs of the same
     network (see :mod:`pl_lossy.network.outcome_store`): ``"auto"`` (``$PL_LOSSY_STORE``, else the user
-    cache), a path, or ``None``/``"off"``. A run whose rounds are all stored starts no bridge.
+    cache), a path, or ``None``/``"off"``. A run whose rounds are all stored starts no bridge. Rounds are
+    keyed with the identity of the bridge that simulates them (its ns-3 version and engine hash): the
+    bridge this network starts runs this installation's engine, whose identity is computed here; a bridge
+    at ``endpoint`` is asked for its own (one ping) before the store is read, and one too old to report
+    any gets no stored rounds and stores none.
     """
 
     same_on_every_rank = False
@@ -123,6 +127,10 @@ class Ns3Network(NetworkModel):
         self._store: Optional[OutcomeStore] = None
         self._store_report: Optional[dict[str, Any]] = None
         self._settings: Optional[dict[str, Any]] = None
+        self._configured = False  # the bridge holds self.config
+        self._simulator: Optional[str] = None  # the simulating bridge's identity (None: it reports none)...
+        self._simulator_known = False  # ...once looked up (see _simulator_identity)
+        self._warned_no_identity = False
 
     # ------------------------------------------------------------------ the bridge
 
@@ -131,6 +139,20 @@ class Ns3Network(NetworkModel):
         return self._process.pid if self._process is not None else None
 
     def _connect(self) -> BridgeClient:
+        """The bridge (see :meth:`_bridge`), configured with this network once."""
+        client = self._bridge()
+        if not self._configured:
+            try:
+                client.configure(self.config, timeout_s=self.startup_timeout_s)
+            except BridgeError:
+                self.close()
+                raise
+            self._configured = True
+        return client
+
+    def _bridge(self) -> BridgeClient:
+        """The client of this run's bridge (started first when it is ours), pinged: its identity is known.
+        Configuring is left to :meth:`_connect` (the first round to simulate): asking the identity costs one ping."""
         if self._client is not None:
             return self._client
         alive = None
@@ -150,13 +172,43 @@ class Ns3Network(NetworkModel):
         client = BridgeClient(endpoint, self.timeout_s, alive=alive, curve_keys=self.curve_keys)
         try:
             client.ping(timeout_s=self.startup_timeout_s)
-            client.configure(self.config, timeout_s=self.startup_timeout_s)
         except BridgeError:
             client.close()
             self.close()
             raise
         self._client = client
+        if self._simulator_known and client.simulator != self._simulator:
+            # our bridge imported other sources than this process (edited since, or another checkout
+            # first on its path): its rounds are keyed as its own from now on
+            log.warning("the ns-3 bridge reports simulator %r, not %r as computed here; its rounds are stored under its own",
+                        client.simulator, self._simulator)
+        self._simulator, self._simulator_known = client.simulator, True
         return client
+
+    def _simulator_identity(self) -> Optional[str]:
+        """The identity of the bridge that simulates this run's rounds (None: it reports none), known before
+        the store is first read: a stored round is served only to a bridge of the identity that simulated it.
+        The bridge this network starts runs this installation's engine, so its identity is computed here and
+        no bridge is started while every round is stored; a bridge at ``endpoint`` is asked."""
+        if not self._simulator_known:
+            if self.endpoint is None and self._client is None:
+                self._simulator, self._simulator_known = simulator_identity(), True
+            else:
+                self._bridge()
+        return self._simulator
+
+    def _usable_store(self) -> Optional[OutcomeStore]:
+        """The store, or None when the simulating bridge reports no identity: its rounds may come from any
+        engine, so none is served to it and none it makes is kept (keying them "unknown:<endpoint>" would
+        serve them to a later, upgraded bridge at the same endpoint)."""
+        store = self.store
+        if store is None or self._simulator_identity() is not None:
+            return store
+        if not self._warned_no_identity:
+            self._warned_no_identity = True
+            log.warning("the ns-3 bridge at %s reports no simulator identity (it predates the field): its rounds are "
+                        "simulated and not stored (upgrade it to use the outcome store)", self.endpoint)
+        return None
 
     def _size_pool(self) -> None:
         """Resolve ``"auto"``: spare cores = this process's usable cores minus the training processes here."""
@@ -191,7 +243,7 @@ class Ns3Network(NetworkModel):
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         self.check_round(spec)
-        store = self.store
+        store = self._usable_store()
         if store is not None:
             stored = store.get(self._key(spec, spec.round))
             if stored is not None:
@@ -207,6 +259,7 @@ class Ns3Network(NetworkModel):
                 self._ahead_until = ahead[-1]
         (result,) = client.outcomes([self._shape(spec, spec.round)])
         outcome = RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
+        store = self._usable_store()  # keyed by the bridge that simulated it (ours may only now have started)
         if store is not None:
             store.put(self._key(spec, spec.round), outcome)
         return outcome
@@ -230,7 +283,10 @@ class Ns3Network(NetworkModel):
         links_down = self.config.links_down(round_index)
         if links_down:
             shape["links_down"] = list(links_down)
-        return round_key(self._settings, shape, round_index, simulator_identity())
+        simulator = self._simulator_identity()
+        if simulator is None:
+            raise RuntimeError("no store key for the rounds of a bridge that reports no simulator identity")
+        return round_key(self._settings, shape, round_index, simulator)
 
     def store_summary(self) -> Optional[dict[str, Any]]:
         """This run's hits, misses and the store's size (None when there is no store or it was never used)."""
@@ -257,6 +313,8 @@ class Ns3Network(NetworkModel):
             store.close()
         client, process = self._client, self._process
         self._client = self._process = None
+        # another connection may reach another bridge (restarted, upgraded): configure and ask it again
+        self._configured = self._simulator_known = False
         if client is not None and process is not None and process.poll() is None:
             try:  # only a bridge we started is ours to shut down
                 client.shutdown(timeout_s=5.0)

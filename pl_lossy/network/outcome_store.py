@@ -12,8 +12,9 @@ the same size, optimizer seed, a rerun, a resumed run) and asks ns-3 only for th
 - **Never wrong**: every entry carries a CRC-32 of its bytes; a damaged or truncated one is deleted and
   the round simulated again. A store that cannot be opened or written (read-only, disk full) is left
   alone after one warning: the run simulates as if there were none.
-- **Invalidation**: the key holds the simulator's identity (the ns-3 version and a hash of the bridge's
-  simulation sources, C++ engines included), so a changed engine never serves an old round.
+- **Invalidation**: the key holds the identity of the simulator that simulated the round (the ns-3 version
+  and a hash of the bridge's simulation sources, C++ engines included), as that bridge reports it, so a
+  changed engine, or a bridge at ``endpoint`` running another one, never serves or receives another's round.
 """
 
 from __future__ import annotations
@@ -73,22 +74,19 @@ def resolve_path(store: Union[str, os.PathLike, bool, None]) -> Optional[Path]:
 
 @functools.lru_cache(maxsize=1)
 def simulator_identity() -> str:
-    """The ns-3 version and a hash of the bridge's simulation sources (Python and C++).
+    """The identity a bridge started from this installation reports (:func:`ns3_bridge.server.simulator_identity`:
+    the ns-3 version and a hash of the simulation sources, Python and C++).
 
     The version is the installed ``ns3`` wheel's, or, where ns-3 is not installed (a GPU machine
-    replaying rounds simulated elsewhere), the one this package pins: the same on both machines."""
+    replaying rounds simulated elsewhere), the one this package pins: the same on both machines.
+    Rounds of a bridge at another ``endpoint`` are keyed with the identity that bridge reports instead."""
     try:
         version = importlib.metadata.version("ns3")
     except importlib.metadata.PackageNotFoundError:
         version = _pinned_ns3_version()
-    import ns3_bridge.sim
+    from ns3_bridge.server import simulator_identity as bridge_identity
 
-    root = Path(ns3_bridge.sim.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".hpp", ".h", ".cc") and p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return f"ns3 {version}; sim {digest.hexdigest()[:16]}"
+    return bridge_identity(version)
 
 
 def _pinned_ns3_version() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,21 +11,47 @@ import numpy as np
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
 
-_SPEC_KEYS = ("n_workers", "n_servers", "packets_per_block", "packet_bytes", "transport", "colocated_servers")
+#: Fields that may differ from one round of a run to the next: an adaptive deadline, the stragglers' nominal
+#: compute time (measured or modelled). Every other field is the run's (the same in every round).
+_PER_ROUND = ("deadline_s", "compute_s")
 
 
-def _spec_key(spec: RoundSpec) -> dict:
-    key = {k: getattr(spec, k) for k in _SPEC_KEYS}
-    if spec.deadline_s is not None:  # only then: traces recorded before deadlines existed still match
-        key["deadline_s"] = spec.deadline_s
-    return key
+def _round_key(spec: RoundSpec) -> dict:
+    """Every field of ``spec`` but its index, as JSON gives it back (tuples as lists): what decides its outcome
+    besides the network itself."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "round"}
+    return json.loads(json.dumps(fields))
+
+
+def _old_round_key(spec: dict) -> dict:
+    """A round's key in a trace from before per-round keys (whose ``spec`` held the sizes, and ``deadline_s``
+    where it had one): those, and no stragglers or failures, which such a trace did not record (so it
+    replays only into rounds without them)."""
+    return {**spec, "deadline_s": spec.get("deadline_s"), "compute_jitter": 0.0, "slow_workers": [], "worker_failures": []}
+
+
+def _run_fields(key: dict) -> dict:
+    """The fields of a round's key that are the run's: all but :data:`_PER_ROUND`."""
+    return {k: v for k, v in key.items() if k not in _PER_ROUND}
+
+
+def _differences(recorded: dict, asked: dict) -> tuple[str, str] | None:
+    """The fields of ``recorded`` that ``asked`` differs in, as (recorded values, asked values) one line each;
+    None where they agree (fields ``recorded`` lacks are not compared)."""
+    names = [k for k in recorded if asked.get(k) != recorded[k]]
+    if not names:
+        return None
+    return ", ".join(f"{k}={recorded[k]}" for k in names), ", ".join(f"{k}={asked.get(k)}" for k in names)
 
 
 class TraceRecorder(NetworkModel):
     """Wraps a network model and remembers every outcome it gives; ``close()`` writes them to ``path``.
 
     The file is an ``.npz``: ``rounds`` [R], packed ``up``/``down`` bits [R, bytes], ``up_time_s``,
-    ``down_time_s`` [R], the round sizes as JSON (``spec``) and the network's ``seed``. Stats are not recorded.
+    ``down_time_s`` [R]; each round's full spec (every :class:`RoundSpec` field but ``round``: sizes, deadline,
+    stragglers, failures) as ``round_keys`` (JSON list of the distinct ones) and ``round_key_index`` [R]; the
+    fields common to every round as JSON (``spec``); the network's ``seed`` and ``describe()`` (``network``).
+    Stats are not recorded. The rounds must be of one run: only ``deadline_s`` and ``compute_s`` may vary.
     """
 
     def __init__(self, network: NetworkModel, path: str | os.PathLike) -> None:
@@ -33,17 +60,17 @@ class TraceRecorder(NetworkModel):
         self.path = Path(path)
         self.same_on_every_rank = network.same_on_every_rank
         self.transport = network.transport
-        self._spec: dict | None = None
-        self._rounds: dict[int, RoundOutcome] = {}
+        self._run: dict | None = None  # the run's fields, from the first round
+        self._rounds: dict[int, tuple[RoundOutcome, dict]] = {}
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         out = self.network.outcome(spec)
-        key = _spec_key(spec)
-        if self._spec is None:
-            self._spec = key
-        elif key != self._spec:
-            raise ValueError(f"a trace holds rounds of one size; got {key} after {self._spec}")
-        self._rounds[spec.round] = out
+        key = _round_key(spec)
+        if self._run is None:
+            self._run = _run_fields(key)
+        elif (differ := _differences(self._run, _run_fields(key))) is not None:
+            raise ValueError(f"a trace holds the rounds of one run; round {spec.round} has {differ[1]} after {differ[0]}")
+        self._rounds[spec.round] = (out, key)
         return out
 
     def check_round(self, spec: RoundSpec) -> None:
@@ -59,7 +86,12 @@ class TraceRecorder(NetworkModel):
         if not self._rounds:
             return None
         rounds = sorted(self._rounds)
-        outs = [self._rounds[r] for r in rounds]
+        outs = [self._rounds[r][0] for r in rounds]
+        keys = [self._rounds[r][1] for r in rounds]
+        texts = [json.dumps(k, sort_keys=True) for k in keys]
+        distinct = sorted(set(texts))  # one per round with an adaptive deadline, else one or two
+        where = {text: i for i, text in enumerate(distinct)}
+        common = {k: v for k, v in keys[0].items() if all(key[k] == v for key in keys)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
             self.path,
@@ -68,8 +100,11 @@ class TraceRecorder(NetworkModel):
             down=np.stack([np.packbits(o.down.ravel()) for o in outs]),
             up_time_s=np.asarray([o.up_time_s for o in outs]),
             down_time_s=np.asarray([o.down_time_s for o in outs]),
-            spec=np.asarray(json.dumps(self._spec)),
+            spec=np.asarray(json.dumps(common)),  # the fields every round shares: what check_round compares
+            round_keys=np.asarray(json.dumps([json.loads(text) for text in distinct])),
+            round_key_index=np.asarray([where[text] for text in texts], dtype=np.int64),
             seed=np.asarray(self.seed, dtype=np.int64),  # what stragglers' compute times were drawn from
+            network=np.asarray(self.network.describe()),
         )
         return self.path
 
@@ -95,9 +130,18 @@ class TraceNetwork(NetworkModel):
             if not self.path.is_file():
                 raise FileNotFoundError(f"trace file {self.path} does not exist (record one with record_trace=...)")
             with np.load(self.path) as z:
-                self._data = {k: z[k] for k in z.files}
-            self._data["spec"] = json.loads(str(self._data["spec"]))
-            self._data["index"] = {int(r): i for i, r in enumerate(self._data["rounds"])}
+                data = {k: z[k] for k in z.files}
+            data["spec"] = json.loads(str(data["spec"]))
+            data["index"] = {int(r): i for i, r in enumerate(data["rounds"])}
+            if "round_keys" in data:
+                distinct = json.loads(str(data["round_keys"]))
+                data["keys"] = [distinct[i] for i in data["round_key_index"]]
+                data["run"] = {k: v for k, v in data["spec"].items() if k != "compute_s"}  # the setup's spec has none yet
+            else:  # a trace from before per-round keys: one key for every round
+                old = _old_round_key(data["spec"])
+                data["keys"] = [old] * len(data["rounds"])
+                data["run"] = old
+            self._data = data
         return self._data
 
     @property
@@ -113,9 +157,11 @@ class TraceNetwork(NetworkModel):
         return self._load()["rounds"]
 
     def check_round(self, spec: RoundSpec) -> None:
-        data = self._load()
-        if _spec_key(spec) != data["spec"]:
-            raise ValueError(f"trace {self.path} was recorded for rounds of {data['spec']}, asked for {_spec_key(spec)}")
+        """Raise ValueError unless ``spec`` agrees with the recorded run on the fields that do not vary per round
+        (all but ``compute_s``, and ``deadline_s`` where it varied, as an adaptive deadline does)."""
+        differ = _differences(self._load()["run"], _round_key(spec))
+        if differ is not None:
+            raise ValueError(f"trace {self.path} was recorded for rounds of {differ[0]}, asked for {differ[1]}")
 
     def check_run(self, spec: RoundSpec, n_rounds: int) -> None:
         self.check_round(spec)
@@ -128,16 +174,25 @@ class TraceNetwork(NetworkModel):
             )
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
+        """Round ``spec.round`` as recorded; ValueError if the trace lacks it or recorded it for another spec
+        (a replay into other sizes, deadline, stragglers or failures would give the wrong masks and times)."""
         data = self._load()
-        self.check_round(spec)
         i = data["index"].get(spec.round)
         if i is None:
             r = data["rounds"]
             raise ValueError(f"trace {self.path} has no round {spec.round} (it holds rounds {r.min()}..{r.max()}, {len(r)} in all)")
+        differ = _differences(data["keys"][i], _round_key(spec))
+        if differ is not None:
+            raise ValueError(f"trace {self.path} was recorded for rounds of {differ[0]}, but round {spec.round} asks for {differ[1]}")
         n_up = int(np.prod(spec.up_shape))
         up = np.unpackbits(data["up"][i], count=n_up).astype(bool).reshape(spec.up_shape)
         down = np.unpackbits(data["down"][i], count=n_up).astype(bool).reshape(spec.down_shape)
         return RoundOutcome(up, down, float(data["up_time_s"][i]), float(data["down_time_s"][i]))
+
+    @property
+    def recorded_network(self) -> str:
+        """The recorded network's ``describe()`` ("" in older traces)."""
+        return str(self._load().get("network", ""))
 
     def describe(self) -> str:
         return f"Trace({self.path})"

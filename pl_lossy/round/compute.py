@@ -49,6 +49,11 @@ class ComputeModel:
         self.device_flops = float(device_flops)
         self.step_flops: Optional[float] = None  # "flops": one worker's step, once counted
 
+    def fresh(self) -> "ComputeModel":
+        """The same model with nothing counted yet: what a new fit starts from (a second fit may train another model)."""
+        kind = self.fixed_s if self.kind == "fixed" else self.kind
+        return ComputeModel(kind, self.device_flops)
+
     @property
     def counting(self) -> bool:
         """Whether the next step must be counted (``"flops"``, not counted yet)."""
@@ -73,3 +78,18 @@ class ComputeModel:
             out.update(device_flops=self.device_flops, step_flops=self.step_flops)
             out["per_round_s"] = None if self.step_flops is None else self.step_flops / self.device_flops
         return out
+
+
+def check_stragglers(compute_jitter: Any, slow_workers: Any, compute: "ComputeModel") -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``compute_jitter`` and ``slow_workers`` checked (worker indices against the worker count at setup)."""
+    if isinstance(compute_jitter, bool) or not isinstance(compute_jitter, (int, float)) or not compute_jitter >= 0:
+        raise ValueError(f"compute_jitter must be a number >= 0 (the lognormal sigma of each worker's compute time), got {compute_jitter!r}")
+    slow = dict(slow_workers or {})
+    for worker, factor in slow.items():
+        if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+            raise ValueError(f"slow_workers maps worker indices (integers >= 0) to factors, got worker {worker!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"slow_workers[{worker}] must be a factor > 0 on its compute time, got {factor!r}")
+    if (compute_jitter > 0 or slow) and compute.kind == "measured":
+        raise ValueError("stragglers (compute_jitter, slow_workers) need a reproducible compute time: compute_time_s='flops' or seconds")
+    return float(compute_jitter), tuple(sorted((int(w), float(f)) for w, f in slow.items()))

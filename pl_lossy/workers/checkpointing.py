@@ -6,6 +6,8 @@ drops that is one replica of many (worker 0's). :class:`~pl_lossy.LossyPSStrateg
 indexed by global worker ``w = rank * k + j``:
 
 - ``params``: ``[W, numel]``, each worker's flat parameters (in the order of ``param_names``);
+- ``tied_names``: ``{name: [other names]}`` for a parameter or buffer the module holds under several
+  names (tied weights: ``param_names`` has only the first, as ``named_parameters()`` gives it);
 - ``buffers``: ``{name: [W, *shape]}``, each worker's buffers (BatchNorm statistics);
 - ``optimizers``: per optimizer, ``W`` plain ``optimizer.state_dict()``s, one per worker, as a
   process with one worker would have it.
@@ -71,10 +73,23 @@ def stack_optimizer_state(optimizer: Optimizer, states: Sequence[dict[str, Any]]
     return {"state": stacked, "param_groups": first["param_groups"]}
 
 
+def tied_names(module: torch.nn.Module) -> dict[str, list[str]]:
+    """``{first name: [other names]}`` of every parameter and buffer ``module`` holds under several names.
+
+    ``named_parameters()`` and ``named_buffers()`` (hence ``param_names`` and the buffers' names) give
+    a tensor once, under its first name; ``state_dict()`` gives it under every name."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if t is not None:
+            names.setdefault(id(t), []).append(name)
+    return {group[0]: group[1:] for group in names.values() if len(group) > 1}
+
+
 def process_workers(replicas: WorkerReplicas, optimizers: Sequence[Optimizer], module: torch.nn.Module) -> dict[str, Any]:
     """This process's workers: ``params [k, numel]``, ``buffers {name: [k, ...]}``, per optimizer k states."""
     state = replicas.worker_state(module)
     state["param_names"] = replicas.param_names
+    state["tied_names"] = tied_names(module)
     state["optimizers"] = [split_optimizer_state(opt, replicas.k) for opt in optimizers]
     return state
 
@@ -84,6 +99,7 @@ def merge_processes(per_process: Sequence[dict[str, Any]]) -> dict[str, Any]:
     first = per_process[0]
     return {
         "param_names": first["param_names"],
+        "tied_names": first.get("tied_names"),
         "params": torch.cat([p["params"] for p in per_process]),
         "buffers": {name: torch.cat([p["buffers"][name] for p in per_process]) for name in first["buffers"]},
         "optimizers": [sum((p["optimizers"][i] for p in per_process), []) for i in range(len(first["optimizers"]))],
@@ -99,6 +115,15 @@ def select_workers(workers: dict[str, Any], first: int, k: int) -> dict[str, Any
     }
 
 
+def worker_zero_for(workers: dict[str, Any], k: int) -> dict[str, Any]:
+    """Worker 0's record of a per-worker record, for each of ``k`` workers (a resume into another worker count)."""
+    return {
+        "params": workers["params"][:1].expand(k, -1),
+        "buffers": {name: b[:1].expand(k, *b.shape[1:]) for name, b in workers["buffers"].items()},
+        "optimizers": [[states[0]] * k for states in workers["optimizers"]],
+    }
+
+
 def worker_zero_everywhere(replicas: WorkerReplicas, module: torch.nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
     """Every worker of this process set to its worker 0 (what a checkpoint without per-worker state gives)."""
     state = replicas.worker_state(module)
@@ -109,7 +134,9 @@ def worker_zero_everywhere(replicas: WorkerReplicas, module: torch.nn.Module) ->
 
 def workers_mean_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
     """The module's ``state_dict`` with every parameter and floating-point buffer averaged over all
-    workers (``checkpoint["state_dict"]`` holds worker 0's). Load it with ``model.load_state_dict``."""
+    workers (``checkpoint["state_dict"]`` holds worker 0's), under each of its names where the module
+    ties it to several (``load_state_dict`` sets a tied tensor once per name: the last one wins).
+    Load it with ``model.load_state_dict``."""
     workers = (checkpoint.get("lossy_ps") or {}).get("workers")
     if workers is None:
         raise ValueError("this checkpoint has no per-worker state (it was not written by LossyPSStrategy)")
@@ -123,4 +150,28 @@ def workers_mean_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
     for name, stacked in workers["buffers"].items():
         if name in out and stacked.dtype.is_floating_point:
             out[name] = stacked.double().mean(0).to(stacked.dtype)
+    tied = workers.get("tied_names")
+    if tied is None:  # a record from before tied names were kept
+        tied = _aliased_names(checkpoint["state_dict"], [*workers["param_names"], *workers["buffers"]])
+    for name, others in tied.items():
+        for other in others:
+            if name in out and other in out:
+                out[other] = out[name]
+    return out
+
+
+def _aliased_names(state_dict: dict[str, Tensor], names: Sequence[str]) -> dict[str, list[str]]:
+    """``{name: [other keys]}`` for keys of ``state_dict`` that view the same elements as ``names``' tensors
+    (``state_dict()`` gives a tied tensor as views of one storage, and ``torch.save`` keeps them so)."""
+    wanted = set(names)
+    keys_at: dict[tuple, list[str]] = {}
+    for key, t in state_dict.items():
+        if isinstance(t, Tensor) and t.numel():  # empty tensors may all sit at one address
+            where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            keys_at.setdefault(where, []).append(key)
+    out: dict[str, list[str]] = {}
+    for keys in keys_at.values():
+        first = next((k for k in keys if k in wanted), None)
+        if first is not None and len(keys) > 1:
+            out[first] = [k for k in keys if k != first]
     return out

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ns3_bridge.sim.round import fail_outcome  # the masks' cut, shared with the simulator
 
-__all__ = ["Failure", "FrozenWorkers", "check_failures", "fail_outcome"]
+__all__ = ["Failure", "FrozenWorkers", "check_failure_optimizers", "check_failures", "fail_outcome"]
 
 #: A failure as the spec keeps it: (worker, first round down, first round up again).
 Failure = tuple[int, int, int]
@@ -50,6 +50,38 @@ def check_failures(value: Any) -> tuple[Failure, ...]:
     return tuple(sorted(out))
 
 
+#: Optimizers whose update uses the step count (bias correction, a step-dependent rate), per torch's
+#: sources; SGD keeps none, RMSprop and Adadelta count steps but do not use the count.
+STEP_COUNTED_OPTIMIZERS: tuple[type, ...] = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+)
+
+
+def _counts_steps(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s update of a parameter depends on how many steps it took."""
+    if isinstance(optimizer, torch.optim.Adagrad):  # its rate decays with the step count only if lr_decay != 0
+        return any(group.get("lr_decay", 0) != 0 for group in optimizer.param_groups)
+    return isinstance(optimizer, STEP_COUNTED_OPTIMIZERS)
+
+
+def check_failure_optimizers(optimizers: Sequence[torch.optim.Optimizer], workers_per_device: int,
+                             worker_failures: Sequence[Failure]) -> None:
+    """ValueError in one line if failures would freeze stacked workers (``workers_per_device > 1``) whose
+    optimizer counts steps: the count is one scalar for all ``k`` rows (:class:`FrozenWorkers` cannot
+    hold it still for a frozen row), so a frozen worker would resume with another worker's count, not
+    what it would have as one worker per process. Call it before training, once optimizers exist."""
+    if not worker_failures or workers_per_device <= 1:
+        return
+    for optimizer in optimizers:
+        if _counts_steps(optimizer):
+            name = type(optimizer).__name__
+            raise ValueError(
+                f"worker_failures with workers_per_device > 1 freezes workers by rows, but {name}'s shared step count would move "
+                f"on for a frozen worker (its update would differ from one worker per process): use workers_per_device=1 "
+                "(one worker per process) or an optimizer without a step count (SGD, RMSprop, Adadelta, Adagrad with lr_decay=0)"
+            )
+
+
 class FrozenWorkers:
     """Some of a process's workers, kept as they are over one training step: built before the step
     (copies their parameters, buffers and optimizer state), :meth:`restore` after it.
@@ -57,8 +89,11 @@ class FrozenWorkers:
     ``tensors``: the tensors optimizers step, stacked ``[k, ...]`` when ``stacked`` (several workers a
     process), else one worker's own; ``rows``: the frozen workers among the ``k``. Optimizer state of a
     stacked tensor is restored by rows where it has the tensor's shape (momentum, Adam's moments);
-    a scalar state shared by the rows (Adam's step count) moves on for all of them. State made by this
-    step is zeroed in the frozen rows (state an optimizer makes on its first step starts from zero).
+    a scalar state shared by the rows (a step count) moves on for all of them, so stacked workers are
+    exact only for optimizers whose update does not use it: :func:`check_failure_optimizers` refuses
+    the others before training. State made by this step is zeroed in the frozen rows (state an
+    optimizer makes on its first step starts from zero). One worker a process (``stacked=False``)
+    gets its whole state back, step count included: exact for every optimizer.
     """
 
     def __init__(self, tensors: Sequence[Tensor], buffers: Sequence[Tensor], optimizers: Sequence[torch.optim.Optimizer],
