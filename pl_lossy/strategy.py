@@ -514,19 +514,13 @@ class LossyPSStrategy(DDPStrategy):
             _optimizers_to_device([optimizer], self.root_device)
 
     def _checkpoint_workers(self, state: Mapping[str, Any], warn: bool = True) -> Optional[dict[str, Any]]:
-        """This process's workers' records in a checkpoint's per-worker state: their own when the checkpoint holds
-        as many workers as this run, else worker 0's for every one of them; None without per-worker state."""
-        workers = state.get("workers")
-        if workers is None:
-            return None
-        if state.get("n_workers") == self.n_workers:
-            return checkpointing.select_workers(workers, self.first_worker, self.workers_per_device)
-        if warn:
+        workers = checkpointing.own_workers(state, self.n_workers, self.first_worker, self.workers_per_device)
+        if warn and workers is not None and state.get("n_workers") != self.n_workers:
             rank_zero_warn(
                 f"lossy_ps: the checkpoint holds {state.get('n_workers')} workers' replicas, this run has {self.n_workers}: "
                 "every worker resumes from worker 0's replica"
             )
-        return checkpointing.worker_zero_for(workers, self.workers_per_device)
+        return workers
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

@@ -121,6 +121,10 @@ class RPSExchange:
                 extra += t.numel() * t.element_size()
         return extra
 
+    def free_scratch(self) -> None:
+        """Release the fp32 wire buffer (one model's size) until a round needs it again: a fit has ended."""
+        self._wire = None
+
     def _to_device(self, t: Tensor) -> Tensor:
         device = self.storage.device
         if device.type == "cpu":

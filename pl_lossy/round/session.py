@@ -197,6 +197,10 @@ class FitSession:
         if self._flop_counter is not None:
             self._stop_counting()
         self._frozen = None
-        self.mask_check.flush()
-        if self.place.is_global_zero:
-            self.network.close()
+        try:
+            self.mask_check.flush()  # the last round's check (on CUDA it runs a round late)
+        finally:  # a disagreement still releases the network: no bridge left behind
+            self.exchange.free_scratch()  # kept for its state (a checkpoint saved after the fit); its scratch goes
+            self.gradient_exchange = None
+            if self.place.is_global_zero:
+                self.network.close()

@@ -115,6 +115,18 @@ def select_workers(workers: dict[str, Any], first: int, k: int) -> dict[str, Any
     }
 
 
+def own_workers(state: dict[str, Any], n_workers: int, first: int, k: int) -> dict[str, Any] | None:
+    """A process's workers' records in a checkpoint's ``lossy_ps`` state: their own (workers ``first ..
+    first + k - 1``) when the checkpoint holds ``n_workers`` workers, else worker 0's for each of the ``k``
+    (a resume into another worker count); None without per-worker state."""
+    workers = state.get("workers")
+    if workers is None:
+        return None
+    if state.get("n_workers") == n_workers:
+        return select_workers(workers, first, k)
+    return worker_zero_for(workers, k)
+
+
 def worker_zero_for(workers: dict[str, Any], k: int) -> dict[str, Any]:
     """Worker 0's record of a per-worker record, for each of ``k`` workers (a resume into another worker count)."""
     return {
