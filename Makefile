@@ -5,13 +5,21 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: run test bench install clean
+.PHONY: run test bench docs docs-check install clean
 
 run: $(VENV)/.installed
 	$(PY) examples/train.py $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
+
+# The docs site (site/), built strictly: a broken link or anchor fails it.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
+
+# Re-run the commands of the docs' fast generated tables and fail if a quoted number drifted (minutes).
+docs-check: $(VENV)/.installed
+	$(PY) docs/tools/docs_check.py $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_exchange.py $(ARGS)
@@ -27,4 +35,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis
+	rm -rf $(VENV) outputs multirun site .pytest_cache .hypothesis

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pl_lossy.round.aggregation import AGGREGATIONS
 from pl_lossy.experiment.compare import compare, pyplot, save_figure
-from pl_lossy.experiment.runs import RunResult, driver_arguments, mean_curve, run_sweep
+from pl_lossy.experiment.runs import RunResult, driver_arguments, mean_curve, print_compare_hint, run_sweep
 
 HERE = Path(__file__).resolve().parent
 LOSS_MODELS = {"rate": "i.i.d.", "gilbert_elliott": "bursty"}
@@ -106,7 +106,7 @@ def main() -> None:
         "network=ns3_star", f"strategy.aggregation={','.join(args.rules)}", *loss_overrides(args.loss, args.burst),
         "trainer.devices=1", f"strategy.workers_per_device={args.workers}", f"trainer.max_epochs={args.epochs}",
         f"seed={','.join(str(s) for s in args.seeds)}", *overrides,
-    ], len(args.rules) * len(LOSS_MODELS) * len(args.seeds))
+    ], len(args.rules) * len(LOSS_MODELS) * len(args.seeds), names={"strategy.aggregation": "rule", "network.error_model": "loss"})
     table, _ = compare([runs], out=args.out, over=["seed"])
     print(table)
     groups = by_rule(runs)
@@ -120,6 +120,7 @@ def main() -> None:
         print(f"| {rule} | " + " | ".join(cells) + " |")
     print(f"\n{sum(map(len, groups.values()))} runs in {time.time() - started:.0f} s; "
           f"table: {args.out / 'compare.md'}, plots: {args.out / 'aggregation.png'}, {args.out / 'compare.png'}")
+    print_compare_hint(runs, options=("--over", "seed", "--out", str(args.out)))
 
 
 if __name__ == "__main__":

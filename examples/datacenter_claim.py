@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from pl_lossy.experiment.compare import compare
-from pl_lossy.experiment.runs import RunResult, run_main_job, split_overrides
+from pl_lossy.experiment.runs import Progress, RunResult, print_compare_hint, run_main_job, split_overrides
 
 HERE = Path(__file__).resolve().parent
 WAYS = {
@@ -37,9 +37,9 @@ WAYS = {
 }
 
 
-def run(way: str, out: Path, overrides: list[str]) -> RunResult:
+def run(way: str, out: Path, overrides: list[str], progress: Progress) -> RunResult:
     extra = ["experiment=datacenter", "trainer.log_every_n_steps=1", *overrides, *WAYS[way]]
-    return run_main_job(HERE / "train.py", out / way, extra, way)
+    return run_main_job(HERE / "train.py", out / way, extra, way, progress)
 
 
 def background(result: RunResult) -> dict:
@@ -58,7 +58,8 @@ def main() -> None:
         sys.exit(f"error: --target must be an accuracy in (0, 1], got {args.target}")
     args.out.mkdir(parents=True, exist_ok=True)
     common = [f"strategy.compute_time_s={args.compute_time_s}", *overrides]
-    results = {way: run(way, args.out, common) for way in WAYS}
+    progress = Progress(len(WAYS), args.out)
+    results = {way: run(way, args.out, common, progress) for way in WAYS}
 
     print(f"\n{results['lossy'].summary['network']}")
     table, _ = compare([args.out / way for way in WAYS], out=args.out, target=args.target)
@@ -72,6 +73,7 @@ def main() -> None:
         summary[way].update(val_acc=r.summary["val_acc"], learning_drop=r.learning_drop, time_to_target_s=r.time_to(args.target))
     (args.out / "results.json").write_text(json.dumps({"target": args.target, "ways": summary}, indent=2))
     print(f"table and plot: {args.out / 'compare.md'}, {args.out / 'compare.png'}")
+    print_compare_hint(*(args.out / way for way in WAYS), options=("--target", str(args.target), "--out", str(args.out)))
 
 if __name__ == "__main__":
     main()

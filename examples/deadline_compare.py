@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pl_lossy.experiment.compare import compare, pyplot, save_figure
-from pl_lossy.experiment.runs import RunResult, driver_arguments, run_main_job
+from pl_lossy.experiment.runs import Progress, RunResult, driver_arguments, print_compare_hint, run_main_job
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,7 +97,9 @@ def main() -> None:
         w, a, b = args.failure
         ways[f"rps, worker {w} down"] = ["network.transport=udp", f"strategy.worker_failures=[[{w},{a},{b}]]"]
         ways[f"rps, host:{w} cut"] = ["network.transport=udp", f'network.link_failures=[["host:{w}",{a},{b}]]']
-    results = {name: run_main_job(HERE / "train.py", args.out / "".join(c if c.isalnum() else "_" for c in name), [*common, *extra], name)
+    progress = Progress(len(ways), args.out)
+    results = {name: run_main_job(HERE / "train.py", args.out / "".join(c if c.isalnum() else "_" for c in name), [*common, *extra], name,
+                                  progress)
                for name, extra in ways.items()}
     table, _ = compare([r.run_dir for r in results.values()], out=args.out, target=args.target)
     print(table)
@@ -125,6 +127,7 @@ def main() -> None:
         ax.legend(fontsize=8)
     save_figure(fig, args.out / "rounds.png", f"a straggler (worker {worker} at {factor:g}x) on a shared leaf-spine")
     print(f"\ntable and plots: {args.out / 'compare.md'}, {args.out / 'compare.png'}, {args.out / 'rounds.png'}")
+    print_compare_hint(*(r.run_dir for r in results.values()), options=("--target", str(args.target), "--out", str(args.out)))
 
 
 if __name__ == "__main__":

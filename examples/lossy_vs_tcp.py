@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pl_lossy.experiment.compare import compare
-from pl_lossy.experiment.runs import run_main_job, split_overrides
+from pl_lossy.experiment.runs import Progress, print_compare_hint, run_main_job, split_overrides
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,9 +43,9 @@ def main() -> None:
         "trainer.log_every_n_steps=1", *overrides,
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, progress = {}, Progress(2, args.out)
     for transport in ("udp", "tcp"):
-        result = run_main_job(HERE / "train.py", args.out / transport, [*common, f"network.transport={transport}"], transport)
+        result = run_main_job(HERE / "train.py", args.out / transport, [*common, f"network.transport={transport}"], transport, progress)
         results[transport] = dict(curve=result.accuracy_curve(), time_to_target=result.time_to(args.target), summary=result.summary)
 
     print(f"\ntarget val_acc {args.target}; {args.workers} workers, {args.link_rate}, loss {args.loss_rate}")
@@ -58,6 +58,7 @@ def main() -> None:
         print(f"the target {args.target} was not reached by {'udp' if udp is None else 'tcp'}: raise --epochs or lower --target")
     (args.out / "results.json").write_text(json.dumps({k: {**v, "summary": None} for k, v in results.items()}, indent=2))
     print(f"table and plot: {args.out / 'compare.md'}, {args.out / 'compare.png'}")
+    print_compare_hint(args.out / "udp", args.out / "tcp", options=("--target", str(args.target), "--out", str(args.out)))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,18 @@ from pathlib import Path
 
 from pl_lossy.experiment.compare import compare, pyplot, save_figure
 from pl_lossy.round.aggregation import AGGREGATIONS
-from pl_lossy.experiment.runs import RunResult, apply_preset, driver_arguments, mean_curve, run_sweep
+from pl_lossy.experiment.runs import (RunResult, apply_preset, driver_arguments, launcher_overrides, mean_curve,
+                                      print_compare_hint, run_sweep)
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
     "quick": dict(p=[0.0, 0.1, 0.5], n=[2, 16], seeds=[0, 1], steps=1000),
     "full": dict(p=[0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5], n=[2, 4, 8, 16, 32], seeds=[0, 1, 2], steps=2000),
 }
-DROP_KEY = {"bernoulli": "network.drop_rate", "ns3": "network.loss_rate"}
+NETWORKS = ("bernoulli", "ns3")
+DROP_KEY = "network.loss_rate"  # the drop probability, on either network
+SHORT = {"network.loss_rate": "p", "strategy.workers_per_device": "n",
+         "strategy.aggregation": "rule"}  # the progress lines' names for the swept keys
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -45,17 +49,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n", type=int, nargs="+", help="worker counts (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
-    p.add_argument("--network", choices=sorted(DROP_KEY), default="bernoulli",
+    p.add_argument("--network", choices=NETWORKS, default="bernoulli",
                    help="bernoulli: the paper's i.i.d. model; ns3: the ns-3 star with that loss at every host link")
     p.add_argument("--rules", nargs="+", choices=AGGREGATIONS, default=["rps"],
                    help="aggregation rules (rps first: the grid's; others for the ablation panel)")
     p.add_argument("--out", type=Path, default=Path("outputs/paper_grid"))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs side by side on this machine (Hydra's joblib launcher: pip install 'pl-lossy[sweep]')")
     args = p.parse_args(argv)
     if args.rules[0] != "rps":
         args.rules = ["rps", *(r for r in args.rules if r != "rps")]
     apply_preset(args, PRESETS[args.preset])
     bad = [f"--p {x}" for x in args.p if not 0 <= x < 1] + [f"--n {x}" for x in args.n if x < 1]
     bad += [f"--steps {args.steps}"] if args.steps < 1 else []
+    bad += [f"--jobs {args.jobs}"] if args.jobs < 1 else []
     if bad:
         p.error(f"{bad[0]} is out of range (drop rates in [0, 1), worker counts and steps >= 1)")
     return args
@@ -66,11 +73,11 @@ def sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
     network = ["network=ns3_star"] if args.network == "ns3" else []
     return run_sweep(HERE / "train.py", args.out / "runs", [
         "experiment=paper_grid", *network,
-        f"{DROP_KEY[args.network]}={','.join(str(p) for p in args.p)}",
+        f"{DROP_KEY}={','.join(str(p) for p in args.p)}",
         f"strategy.workers_per_device={','.join(str(n) for n in args.n)}",
         f"seed={','.join(str(s) for s in args.seeds)}", f"strategy.aggregation={','.join(args.rules)}",
-        f"trainer.max_steps={args.steps}", *overrides,
-    ], len(args.p) * len(args.n) * len(args.seeds) * len(args.rules))
+        f"trainer.max_steps={args.steps}", *launcher_overrides(args.jobs), *overrides,
+    ], len(args.p) * len(args.n) * len(args.seeds) * len(args.rules), names=SHORT)
 
 
 def grid_of(runs: Path, drop_key: str) -> dict[str, dict[tuple[float, int], list[RunResult]]]:
@@ -145,7 +152,7 @@ def main() -> None:
     runs = sweep(args, overrides)
     table, _ = compare([runs], out=args.out, over=["seed"])
     print(table)
-    drop_key = DROP_KEY[args.network]
+    drop_key = DROP_KEY
     grids = grid_of(runs, drop_key)
     grid = grids["rps"]
     title = (f"RPS on MNIST-1D (CNN), plain SGD, batch 32 per worker, {args.steps} steps, "
@@ -171,6 +178,7 @@ def main() -> None:
             print(f"| {p:g} | {n} | " + " | ".join(cells) + " |")
     print(f"\n{len(list(runs.glob('*/summary.json')))} runs in {time.time() - started:.0f} s; "
           f"table: {args.out / 'compare.md'}, plots: {args.out / 'grid.png'}, {args.out / 'compare.png'}")
+    print_compare_hint(runs, options=("--over", "seed", "--out", str(args.out)))
 
 
 if __name__ == "__main__":

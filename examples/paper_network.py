@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pl_lossy.experiment.compare import compare, pyplot, save_figure
-from pl_lossy.experiment.runs import RunResult, apply_preset, driver_arguments, run_sweep
+from pl_lossy.experiment.runs import RunResult, apply_preset, driver_arguments, print_compare_hint, run_sweep
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {
@@ -69,7 +69,8 @@ def main() -> None:
         f"network.source_drop_rate={','.join(str(p) for p in args.p)}",
         f"network.background_flows_per_s={','.join(f'{r:g}' for r in args.rates)}",
         f"seed={','.join(str(s) for s in args.seeds)}", f"trainer.max_steps={args.steps}", *overrides,
-    ], len(args.p) * len(args.rates) * len(args.seeds))
+    ], len(args.p) * len(args.rates) * len(args.seeds),
+        names={"network.source_drop_rate": "p", "network.background_flows_per_s": "msgs/s"})
     table, _ = compare([runs], out=args.out, over=["seed"])
     print(table)
     grid: dict[tuple[float, float], list[RunResult]] = {}
@@ -121,6 +122,7 @@ def main() -> None:
                 f"16 RPS workers on a 1 Gb/s ns-3 star with a web service of 100 KB messages, {args.steps} steps")
     print(f"\n{len(list(runs.glob('*/summary.json')))} runs in {time.time() - started:.0f} s; "
           f"table: {args.out / 'compare.md'}, plots: {args.out / 'network.png'}, {args.out / 'compare.png'}")
+    print_compare_hint(runs, options=("--over", "seed", "--out", str(args.out)))
 
 
 if __name__ == "__main__":

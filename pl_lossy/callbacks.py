@@ -89,7 +89,8 @@ class RunSummary(Callback):
     logs ``train_loss_epoch``), ``train_eval_loss`` (the whole training set's, when it logs that), ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
     ``sim_time_s``, ``comm_time_s``, ``compute_time_s`` (totals), ``compute`` (the compute model and its
     per-round time), ``background`` (when the network had tenants: flows completed, their flow-weighted
-    mean completion time, the mean over rounds of each round's 99th percentile), ``outcome_store`` (ns-3:
+    mean completion time, the mean over rounds of each round's 99th percentile), ``drops`` (packets lost over
+    this fit's rounds, by cause: see :class:`DropTally`), ``outcome_store`` (ns-3:
     rounds replayed from the store, simulated, written, damaged; the store's path and size), ``wall_time_s`` (from
     this callback's creation), ``config``.
     """
@@ -99,10 +100,12 @@ class RunSummary(Callback):
         self.config = config
         self.started = time.time()
         self.background = BackgroundTally()
+        self.drops = DropTally()
 
     def on_round_end(self, trainer: "pl.Trainer", strategy) -> None:
         if trainer.is_global_zero:
             self.background.add(strategy.last_round.stats)
+            self.drops.add(strategy.last_round, strategy)
 
     @rank_zero_only
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -135,6 +138,8 @@ class RunSummary(Callback):
                 compute=strategy.compute.describe(),
                 network=strategy.network.describe(),
             )
+            if self.drops.rounds:
+                out["drops"] = self.drops.summary()
             if self.background.rounds:
                 out["background"] = self.background.summary()
             network = strategy.network
@@ -151,6 +156,61 @@ class RunSummary(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.summary(trainer), indent=2, default=str) + "\n")
         return self.path
+
+
+class DropTally:
+    """Packets lost over a run's rounds, by cause, from each round's masks and its network's ``stats``.
+
+    ``summary()``: ``packets`` (every packet that crossed the network, both phases), ``lost`` (those that did
+    not arrive), then per cause the count of the rounds' stat, under the stat's name less its prefix, for the
+    causes the network reported: ``link_error`` (``drops_link_error``: the error model, ns-3), ``queue``
+    (``drops_queue``: full switch buffers, ns-3), ``source`` (``drops_source``: dropped by their senders),
+    ``late`` (``packets_late``: arrived after the deadline); ``other``: lost for no reported cause (an analytic
+    network's random drops, down workers' packets). ``workers_down`` (when workers failed) counts worker-rounds,
+    not packets, so it sits beside them."""
+
+    CAUSES = {"drops_link_error": "link_error", "drops_queue": "queue", "drops_source": "source", "packets_late": "late"}
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.packets = 0
+        self.lost = 0.0
+        self.causes: dict[str, float] = {}
+        self.workers_down = 0.0
+        self._per_phase: Optional[int] = None  # packets a phase sends over the network (local pairs never do)
+
+    def add(self, record, strategy) -> None:
+        """Count one round (its :class:`~pl_lossy.round.clock.RoundRecord`) of ``strategy``'s fit."""
+        if self._per_phase is None:
+            spec = strategy.round_spec(record.round)
+            self._per_phase = int((~spec.local_pairs()).sum()) * spec.packets_per_block
+        self.rounds += 1
+        self.packets += 2 * self._per_phase
+        self.lost += (2.0 - record.delivered_up - record.delivered_down) * self._per_phase
+        for stat, cause in self.CAUSES.items():
+            if stat in record.stats:
+                self.causes[cause] = self.causes.get(cause, 0.0) + float(record.stats[stat])
+        self.workers_down += float(record.stats.get("workers_down", 0.0))
+
+    def summary(self) -> dict[str, int]:
+        lost = round(self.lost)
+        out = {"packets": self.packets, "lost": lost, **{k: round(v) for k, v in self.causes.items()}}
+        out["other"] = max(lost - sum(round(v) for v in self.causes.values()), 0)
+        if self.workers_down:
+            out["workers_down"] = round(self.workers_down)
+        return out
+
+
+def drops_line(drops: Optional[dict[str, int]]) -> str:
+    """``drops: 1,290 of 40,000 packets: queue 1,234, link_error 56`` (causes by count, none at 0; ``workers_down``
+    in worker-rounds); "" without a tally."""
+    if not drops:
+        return ""
+    causes = {k: v for k, v in drops.items() if k not in ("packets", "lost", "workers_down") and v}
+    parts = [f"{k} {v:,}" for k, v in sorted(causes.items(), key=lambda kv: -kv[1])]
+    line = f"drops: {drops['lost']:,} of {drops['packets']:,} packets" + (": " + ", ".join(parts) if parts else "")
+    down = drops.get("workers_down", 0)
+    return line + (f"; workers down {down:,} worker-round{'' if down == 1 else 's'}" if down else "")
 
 
 class BackgroundTally:

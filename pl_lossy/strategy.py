@@ -105,8 +105,8 @@ class LossyPSStrategy(DDPStrategy):
             (parameters, optimizer state, buffers); then it rejoins (see :mod:`pl_lossy.workers.failures`).
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
-        record_trace: path of an ``.npz`` to which rank 0 records every round's outcome (replay it with
-            ``TraceNetwork``).
+        record_trace: path of an ``.npz`` to which rank 0 records each fit's rounds as outcome-store entries
+            (replay it with ``TraceNetwork``; ``pl-lossy store import PATH`` puts an ns-3 run's into the store).
         log_metrics: add a :class:`~pl_lossy.callbacks.LossyPSMetrics` callback if none is present.
         **kwargs: passed to :class:`~pytorch_lightning.strategies.DDPStrategy` (``start_method``,
             ``process_group_backend``, ``timeout``, ...).

@@ -211,7 +211,7 @@ def test_paper_grid_driver_runs_a_tiny_grid_and_reports_it(tmp_path):
     table = [line for line in (tmp_path / "grid" / "compare.md").read_text().splitlines()[2:]]
     assert len(table) == 4 and all(line.rstrip(" |").endswith("| 2") for line in table)  # (p, n) rows, 2 seeds each
     with open(tmp_path / "grid" / "compare.csv") as f:
-        rows = {(float(r["network.drop_rate"]), int(r["strategy.workers_per_device"])): r for r in csv.DictReader(f)}
+        rows = {(float(r["network.loss_rate"]), int(r["strategy.workers_per_device"])): r for r in csv.DictReader(f)}
     assert set(rows) == {(0.0, 2), (0.0, 4), (0.5, 2), (0.5, 4)}
     assert float(rows[(0.0, 4)]["delivered_up"]) == 1.0 and 0.4 < float(rows[(0.5, 4)]["delivered_up"]) < 0.6
     assert float(rows[(0.5, 2)]["train_loss_std"]) > 0  # two seeds, two different runs
@@ -226,7 +226,7 @@ def test_paper_grid_driver_adds_the_gradient_averaging_ablation(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "grid" / "compare.csv") as f:
-        rows = {(float(r["network.drop_rate"]), r["strategy.aggregation"]): r for r in csv.DictReader(f)}
+        rows = {(float(r["network.loss_rate"]), r["strategy.aggregation"]): r for r in csv.DictReader(f)}
     assert set(rows) == {(p, rule) for p in (0.0, 0.5) for rule in ("rps", "gradient")}
     # no drops: the same update for plain SGD; at p = 0.5 the rules part ways
     assert float(rows[0.0, "rps"]["train_loss"]) == pytest.approx(float(rows[0.0, "gradient"]["train_loss"]), rel=1e-3)
@@ -307,3 +307,69 @@ def test_aggregation_compare_refuses_bad_values_before_launch(tmp_path):
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "a" / "runs").exists()
+
+
+# ---------------------------------------------------------------------- one name for the drop probability; drops by cause
+
+
+def test_bernoulli_takes_loss_rate_like_every_network_and_the_summary_says_where_drops_went(tmp_path):
+    proc = run_app(tmp_path, "network=bernoulli", "network.loss_rate=0.1", "trainer.max_steps=3", "strategy.workers_per_device=2",
+                   "strategy.deadline_s=5.5e-5", "strategy.worker_failures=[[1,0,1]]", "plot=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["network"].startswith("Bernoulli(up drop 0.1, down drop 0.1")
+    drops = summary["drops"]
+    assert drops["lost"] > 0 and drops["late"] > 0 and drops["other"] > 0 and drops["workers_down"] == 1
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "summary: val_acc=" in line)
+    assert f"; drops: {drops['lost']:,} of {drops['packets']:,} packets: " in line and f"late {drops['late']:,}" in line
+    assert "alias" not in proc.stdout + proc.stderr
+
+
+def test_drop_rate_is_an_alias_of_loss_rate_that_says_so_once_and_both_differing_is_one_error(tmp_path):
+    proc = run_app(tmp_path, "network=bernoulli", "network.drop_rate=0.3", "trainer.max_steps=2", "plot=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("network.drop_rate is an alias of network.loss_rate; use loss_rate") == 1, out[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["network"].startswith("Bernoulli(up drop 0.3, down drop 0.3")
+    proc = run_app(tmp_path, "network=bernoulli", "network.loss_rate=0.1", "network.drop_rate=0.3", "trainer.max_steps=2",
+                   run_dir="both")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "error" in line.lower()]
+    assert errors == ["error: invalid `network` config: loss_rate=0.1 and its alias drop_rate=0.3 differ: give only loss_rate"], errors
+
+
+def test_a_run_logged_to_a_file_is_quiet_and_prints_a_line_per_epoch(tmp_path):
+    import re
+
+    # as a user with `> log.txt`: stdout is not a terminal, and the progress bar is left at its default (on)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "network=bernoulli",
+           "trainer.devices=2", "trainer.max_epochs=2", "trainer.limit_train_batches=2"]  # 2 batches < log_every_n_steps=10
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    for noise in ("LeafSpec", "Tip:", "litlogger", "litmodels", "smaller than the logging interval"):
+        assert noise not in output, noise
+    assert "\r" not in output and "it/s" not in output  # no progress bar
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and re.fullmatch(r"epoch 1: step=4, train_loss=\S+, val_acc=\S+, net/sim_time_s=\S+, wall \S+ s", epochs[1])
+    assert "epoch 1: step=4" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("override, group", [
+    ("network=ns3_starr", "network"), ("model=big", "model"), ("data=imagenet", "data"), ("strategy=horovod", "strategy"),
+    ("trainer=tpu", "trainer"), ("experiment=nope", "experiment"), ("+experiment=nope", "experiment"),
+])
+def test_an_unknown_group_option_fails_in_one_line_naming_the_options(tmp_path, override, group):
+    proc = run_app(tmp_path, override)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    options = ", ".join(sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")))
+    choice = override.split("=")[1]
+    assert proc.stderr.strip() == f"error: {group}={choice}: no such option; the {group} group has {options}"
+
+
+def test_an_unknown_group_option_in_a_sweep_fails_before_any_job(tmp_path):
+    proc = run_app(tmp_path, "network=bernoulli,ns3_starr", multirun=True)
+    assert proc.returncode == 2 and not (tmp_path / "multi").exists()
+    assert proc.stderr.strip() == ("error: network=ns3_starr: no such option; the network group has bernoulli, gilbert_elliott, "
+                                   "ns3_leaf_spine, ns3_star, reliable, trace")

@@ -140,3 +140,50 @@ def test_a_checkpoint_of_virtual_workers_resumes_into_another_worker_count_from_
         for row in rows:
             assert torch.equal(row, worker0[i]["momentum_buffer"])
     assert resumed.clock.rounds == 5  # the clock went on from the checkpoint's 3 rounds
+
+
+def test_a_down_worker_neither_times_the_round_nor_sets_its_compute_time():
+    """Defect 4, through a fit: worker 1 is down the whole run and named fast (0.1x); the round starts when the
+    fastest worker *up* is done, and the uplink carries nothing of worker 1's."""
+    model, dm = digits_model(seed=6)
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.0), workers_per_device=2, compute_time_s=0.01,
+                               slow_workers={1: 0.1}, worker_failures=[[1, 0, 1000]], start_method="popen")
+    fit_in_process(strategy, model, dm, max_steps=3)
+    assert strategy.clock.compute_time_s == pytest.approx(3 * 0.01)  # worker 0's compute, not the down worker's 0.001
+    assert strategy.last_round.up_time_s == 0 and strategy.last_round.stats["workers_down"] == 1  # nobody left to send to
+
+
+class IgnoresFailures(BernoulliNetwork):
+    """A user's network that forgets the failure schedule: it returns every packet delivered."""
+
+    def outcome(self, spec):
+        out = super().outcome(spec)
+        out.up[:] = True
+        out.down[:] = True
+        return out
+
+
+def test_a_network_that_delivers_a_down_workers_packets_fails_the_round_in_one_line():
+    """The network owns the failure schedule; the round holds it to that instead of cutting masks after it."""
+    model, dm = digits_model(seed=6)
+    strategy = LossyPSStrategy(network=IgnoresFailures(0.0), workers_per_device=2, worker_failures=[[1, 1, 2]],
+                               start_method="popen")
+    with pytest.raises(ValueError, match=r"round 1: worker 1 is down \(worker_failures\) but the network delivered its packets"):
+        fit_in_process(strategy, model, dm, max_steps=3)
+
+
+def test_adam_with_failures_and_stacked_workers_is_refused_before_the_first_step():
+    """Defect 9: Adam's shared step count moved on for a frozen row (2x1 and 1x2 layouts differed)."""
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=16)
+    model = Classifier(functools.partial(SmallCNN, channels=(4, 8)), dm.input_shape, dm.num_classes, optimizer="adam", lr=1e-3)
+    steps = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.0), workers_per_device=2, worker_failures=[[1, 1, 2]], start_method="popen")
+    with pytest.raises(ValueError, match="worker_failures with workers_per_device > 1"):
+        fit_in_process(strategy, model, dm, max_steps=2, callbacks=[CountSteps()])
+    assert not steps

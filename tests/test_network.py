@@ -405,3 +405,41 @@ def test_a_trace_in_the_old_format_still_replays(tmp_path):
     TraceNetwork(dl).outcome(spec(1, W=3, S=3, P=10, deadline_s=1e-3))
     with pytest.raises(ValueError, match="deadline_s"):
         TraceNetwork(dl).outcome(spec(1, W=3, S=3, P=10))
+
+
+# ---------------------------------------------------------------------- one name for the drop probability: loss_rate
+
+
+def test_every_network_takes_loss_rate_and_drop_rate_as_its_alias_saying_so_once(caplog):
+    import logging
+
+    from pl_lossy.network import Ns3Network, bernoulli
+
+    bernoulli._warned_aliases.clear()
+    with caplog.at_level(logging.WARNING):
+        assert BernoulliNetwork(loss_rate=0.2).loss_rate == BernoulliNetwork(drop_rate=0.2).loss_rate == 0.2
+        assert BernoulliNetwork(drop_rate=0.3).drop_rate == 0.3  # the old attribute reads the same value
+        assert BernoulliNetwork(uplink_drop_rate=0.4).uplink_loss_rate == 0.4
+        assert Ns3Network(drop_rate=0.2, store="off").config.loss_rate == 0.2
+        assert Ns3Network(loss_rate=0.01, drop_rate=0.2, store="off").config.loss_rate == 0.2  # ns3_star.yaml's default
+        ge = GilbertElliottNetwork(drop_rate=0.05)
+        assert ge.mean_loss_rate == pytest.approx(0.05) and 1 / ge.p_bad_to_good == pytest.approx(10)  # bursts keep their length
+        assert GilbertElliottNetwork(loss_rate=0.05).p_good_to_bad == ge.p_good_to_bad
+    warnings = [r.getMessage() for r in caplog.records if "alias" in r.getMessage()]
+    assert warnings == ["network.drop_rate is an alias of network.loss_rate; use loss_rate",
+                        "network.uplink_drop_rate is an alias of network.uplink_loss_rate; use uplink_loss_rate"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: BernoulliNetwork(loss_rate=0.1, drop_rate=0.2),
+    lambda: GilbertElliottNetwork(loss_rate=0.1, drop_rate=0.2),
+    lambda: __import__("pl_lossy.network", fromlist=["Ns3Network"]).Ns3Network(loss_rate=0.1, drop_rate=0.2, store="off"),
+])
+def test_loss_rate_and_its_alias_differing_is_one_error(make):
+    with pytest.raises(ValueError, match=r"^loss_rate=0.1 and its alias drop_rate=0.2 differ: give only loss_rate$"):
+        make()
+
+
+def test_a_mean_loss_no_chain_can_have_is_refused():
+    with pytest.raises(ValueError, match="loss_rate=0.5 is not a mean loss of a chain with loss_good=0.0 and loss_bad=0.3"):
+        GilbertElliottNetwork(loss_rate=0.5, loss_bad=0.3)

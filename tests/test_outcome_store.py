@@ -302,3 +302,124 @@ def test_a_malformed_simulator_identity_is_a_clear_bridge_error(tmp_path):
         network.close()
     finally:
         odd.stop()
+
+
+# ---------------------------------------------------------------------- `pl-lossy store`: prune asks, sizes are the rounds'
+
+
+def _filled_store(path, n=3, used=None):
+    store = OutcomeStore(path)
+    for i in range(n):
+        store.put(f"k{i}", _outcome(i))
+    if used is not None:  # back-date every entry: not served for a while
+        store._connection().execute("UPDATE outcomes SET used = ?", (used,))
+    store.close()
+    return path
+
+
+def _rounds(path):
+    store = OutcomeStore(path)
+    try:
+        return store.size()["rounds"]
+    finally:
+        store.close()
+
+
+def test_store_prune_without_an_option_refuses_and_deletes_nothing(tmp_path, capsys):
+    from pl_lossy.experiment.cli import main
+
+    path = _filled_store(tmp_path / "s.sqlite")
+    assert main(["store", "prune", "--path", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--older-than DAYS" in err[0] and "--all" in err[0], err
+    assert _rounds(path) == 3
+
+
+def test_store_prune_all_deletes_every_round_and_says_how_much(tmp_path, capsys):
+    from pl_lossy.network.outcome_store import main
+
+    path = _filled_store(tmp_path / "s.sqlite")
+    store = OutcomeStore(path)
+    held = store.size()["bytes"]
+    store.close()
+    assert main(["prune", "--all", "--path", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"deleted 3 rounds ({held:,} B" in out or f"deleted 3 rounds ({held / 1e3:.0f} kB" in out, out
+    assert _rounds(path) == 0 and "0 rounds, 0 B" in out
+
+
+def test_store_prune_older_than_keeps_rounds_used_lately(tmp_path, capsys):
+    import time
+
+    from pl_lossy.network.outcome_store import main
+
+    path = _filled_store(tmp_path / "s.sqlite", used=time.time() - 10 * 86400)  # 3 rounds, unused 10 days
+    store = OutcomeStore(path)
+    store.put("fresh", _outcome(9))
+    store.close()
+    assert main(["prune", "--older-than", "30", "--path", str(path)]) == 0
+    assert _rounds(path) == 4 and "deleted 0 rounds" in capsys.readouterr().out
+    assert main(["prune", "--older-than", "7", "--path", str(path)]) == 0
+    assert _rounds(path) == 1 and "deleted 3 rounds" in capsys.readouterr().out
+
+
+def test_the_store_size_is_its_rounds_bytes_whatever_the_file_holds(tmp_path):
+    store = OutcomeStore(tmp_path / "s.sqlite")
+    assert store.size()["rounds"] == 0 and store.size()["bytes"] == 0  # an empty store holds nothing, whatever its file
+    outcomes = {f"k{i}": _outcome(i, (4, 4, 40)) for i in range(22)}
+    for key, out in outcomes.items():
+        store.put(key, out)
+    expected = sum(len(encode(out)) + len(key) for key, out in outcomes.items())  # payload + key bytes
+    before = store.size()
+    store._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    after_checkpoint = store.size()
+    store._connection().execute("VACUUM")
+    assert before["bytes"] == after_checkpoint["bytes"] == store.size()["bytes"] == expected
+    assert store.size()["file"] > 0  # the file, reported apart
+    store.prune()
+    assert store.size()["rounds"] == 0 and store.size()["bytes"] == 0
+
+
+def test_a_trace_holds_store_entries_that_a_store_imports_and_a_run_then_replays(bridge, tmp_path, capsys):
+    """One persistence scheme: a trace of an ns-3 run is its rounds as store entries under the store's own keys;
+    put into a store, a run of the same network is served them (no round simulated) with the same masks and stats."""
+    from pl_lossy.network import Ns3Network, RoundSpec, TraceNetwork, TraceRecorder
+
+    specs = [RoundSpec(r, 3, 3, 5) for r in range(3)]
+    recorder = TraceRecorder(Ns3Network(endpoint=bridge.endpoint, loss_rate=0.2, seed=5, store="off"), tmp_path / "t.npz")
+    recorded = [recorder.outcome(s) for s in specs]
+    recorder.close()
+    trace = TraceNetwork(tmp_path / "t.npz")
+    assert all(_same(trace.outcome(s), out) for s, out in zip(specs, recorded))  # stats too: the store's encoding
+    from pl_lossy.network.outcome_store import main
+
+    assert main(["import", str(tmp_path / "t.npz"), "--path", str(tmp_path / "s.sqlite")]) == 0
+    assert main(["import", str(tmp_path / "t.npz"), "--path", str(tmp_path / "s.sqlite")]) == 0  # again: nothing new
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("imported 3 of 3 rounds") and printed[1].startswith("imported 0 of 3 rounds")
+    replay = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.2, seed=5, store=str(tmp_path / "s.sqlite"))
+    try:
+        assert all(_same(replay.outcome(s), out) for s, out in zip(specs, recorded))
+        assert replay.store_summary()["hits"] == 3 and replay.store_summary()["misses"] == 0
+    finally:
+        replay.close()
+
+
+def test_a_damaged_trace_entry_is_refused_naming_its_round(tmp_path):
+    from pl_lossy.network import BernoulliNetwork, RoundSpec, TraceNetwork, TraceRecorder
+
+    recorder = TraceRecorder(BernoulliNetwork(0.3, seed=1), tmp_path / "t.npz")
+    for r in range(3):
+        recorder.outcome(RoundSpec(r, 2, 2, 9))
+    recorder.close()
+    with np.load(tmp_path / "t.npz") as z:
+        data = {k: z[k] for k in z.files}
+    data["payload"] = data["payload"].copy()
+    data["payload"][data["offsets"][1] + 20] ^= 0x01  # one byte of round 1
+    np.savez(tmp_path / "bad.npz", **data)
+    bad = TraceNetwork(tmp_path / "bad.npz")
+    assert bad.outcome(RoundSpec(0, 2, 2, 9)).up.shape == (2, 2, 9)
+    import pytest
+
+    with pytest.raises(ValueError, match=r"bad.npz is damaged at round 1 \(checksum mismatch\)"):
+        bad.outcome(RoundSpec(1, 2, 2, 9))

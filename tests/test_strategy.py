@@ -374,3 +374,37 @@ def test_replaying_a_trace_of_a_run_with_stragglers_gives_the_same_clock(tmp_pat
     assert replayed.network.seed == 7
     assert replayed.clock.compute_time_s == pytest.approx(recorded.clock.compute_time_s) != pytest.approx(6e-3)
     assert replayed.clock.sim_time_s == pytest.approx(recorded.clock.sim_time_s)
+
+
+# ---------------------------------------------------------------------- the summary says where drops went
+
+
+def _summary_of(strategy, tmp_path, batches=4):
+    import json
+
+    from pl_lossy.callbacks import RunSummary
+
+    model, dm = digits_model()
+    summary = RunSummary(tmp_path / "summary.json")
+    fit_in_process(strategy, model, dm, limit_train_batches=batches, limit_val_batches=1, max_epochs=1, callbacks=[summary])
+    return json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_the_summary_tallies_drops_by_cause_late_failed_and_random(tmp_path):
+    strategy = LossyPSStrategy(network=BernoulliNetwork(0.1, seed=3), workers_per_device=4, deadline_s=5.5e-5,
+                               worker_failures=[[1, 0, 2]])
+    out = _summary_of(strategy, tmp_path)
+    drops = out["drops"]
+    assert drops["packets"] > drops["lost"] > 0 and drops["late"] > 0 and drops["other"] > 0
+    assert drops["lost"] == drops["late"] + drops["other"]  # Bernoulli reports no random drops: they are "other"
+    assert drops["lost"] == pytest.approx(drops["packets"] * (1 - (out["delivered_up"] + out["delivered_down"]) / 2), abs=1)
+    assert drops["workers_down"] == 2  # worker 1 down for rounds 0 and 1
+    assert "queue" not in drops and "link_error" not in drops  # causes this network does not report are not claimed
+
+
+def test_the_summary_counts_an_ns3_stars_queue_drops(bridge, tmp_path):
+    network = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.0, queue_packets=2, seed=1, store="off")
+    out = _summary_of(LossyPSStrategy(network=network, workers_per_device=4), tmp_path, batches=2)
+    drops = out["drops"]
+    assert drops["queue"] > 0 and drops["link_error"] == 0 and drops["other"] == 0
+    assert drops["lost"] == drops["queue"] + drops["source"] + drops["link_error"]

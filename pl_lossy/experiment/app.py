@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -21,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.multiprocessing import ProcessRaisedException
 
-from ..callbacks import RunSummary
+from ..callbacks import RunSummary, drops_line
 from .config_types import type_errors
+from .console import ConsoleLines, quiet, wants_progress_bar
 from ..strategy import LossyPSStrategy
 
 
@@ -81,7 +83,9 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
     )
     strategy = _instantiate(cfg.strategy, "strategy")
     summary = RunSummary(Path(output_dir) / cfg.summary_file, config=OmegaConf.to_container(cfg, resolve=True))
-    trainer = _instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=[summary])
+    bar = wants_progress_bar(cfg.trainer.get("enable_progress_bar", True))  # a log file gets epoch lines instead
+    trainer = _instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=[summary, ConsoleLines(epoch_lines=not bar)],
+                           enable_progress_bar=bar)
     if isinstance(strategy, LossyPSStrategy):
         try:
             strategy.check_world_size(trainer.world_size)
@@ -95,10 +99,22 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
     return trainer, model, datamodule, summary
 
 
+def _own_master_port(trainer: pl.Trainer) -> None:
+    """A sweep's jobs may run side by side (``hydra/launcher=joblib``) and each opens a process group: every
+    single-node job of a multirun takes a free port of its own, instead of one it inherited (two jobs on one
+    ``MASTER_PORT`` fail with EADDRINUSE). A single run, or a run over several nodes, keeps what it was given."""
+    from hydra.types import RunMode
+    from lightning_fabric.plugins.environments.lightning import find_free_network_port
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and trainer.num_nodes == 1:
+        os.environ["MASTER_PORT"] = str(find_free_network_port())
+
+
 def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     """Fit and return the summary (None in processes other than the launching one)."""
     OmegaConf.resolve(cfg)  # ${hydra:...} and ${seed} must not be resolved again in worker processes
     trainer, model, datamodule, summary = build(cfg, output_dir)
+    _own_master_port(trainer)
     trainer.fit(model, datamodule)
     if not trainer.is_global_zero:
         return None
@@ -147,6 +163,43 @@ class CheckSweep(Callback):
             HydraConfig.instance().cfg = hydra_cfg
 
 
+def check_group_choices(argv: list[str], conf_dir: str | Path) -> None:
+    """Raise :class:`ConfigError` naming the valid options when a command-line override picks an option that
+    a config group under ``conf_dir`` does not have (``network=ns3_starr``, also inside a ``-m`` choice
+    list); Hydra itself would print 15 lines and exit 1. Hydra's own groups (``hydra/...``), overrides
+    that do not parse, and a command line adding a config dir (``--config-dir``) are left to Hydra."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.config_dir:  # options may live there
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - a malformed override is Hydra's to report
+        return
+    for override in overrides:
+        group, value = override.key_or_group, override.value()
+        folder = Path(conf_dir) / group
+        if override.is_delete() or group.split("/")[0] == "hydra" or not folder.is_dir() or value is None:
+            continue
+        choices = value.list if isinstance(value, ChoiceSweep) else [] if override.is_sweep_override() else [value]
+        for choice in map(str, choices):
+            if not (folder / f"{choice}.yaml").is_file():
+                options = ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
+                raise ConfigError(f"{group}={choice}: no such option; the {group} group has {options}")
+
+
+def check_command_line(argv: list[str], conf_dir: str | Path) -> None:
+    """The app's first check, before Hydra composes the config: a bad group option exits 2 with one line."""
+    try:
+        check_group_choices(argv, conf_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _lightning_logs_to_root() -> None:
     """Lightning gives its logger a console handler of its own when imported before logging is set up;
     hand its messages to the root logger instead, so that they reach train.log too."""
@@ -158,6 +211,7 @@ def _lightning_logs_to_root() -> None:
 
 
 def main(cfg: DictConfig) -> None:
+    quiet()  # the app's entry: this process and the training processes it starts
     output_dir = HydraConfig.get().runtime.output_dir
     if logging.getLogger().handlers:  # Hydra configured logging (hydra/job_logging=none leaves it alone)
         _lightning_logs_to_root()
@@ -173,7 +227,7 @@ def main(cfg: DictConfig) -> None:
     if result is not None:
         keys = ("val_acc", "steps", "delivered_up", "delivered_down", "sim_time_s", "comm_time_s", "wall_time_s")
         line = ", ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys)
-        log.info(f"summary: {line}")
+        log.info(f"summary: {line}" + (f"; {drops_line(result.get('drops'))}" if result.get("drops") else ""))
         log.info(f"written: {Path(output_dir) / cfg.summary_file}")
         if cfg.get("plot", True):
             _plot(Path(output_dir))

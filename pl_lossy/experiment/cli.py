@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 COMMANDS = {
     "compare": "runs or -m sweeps in one table (markdown, CSV) and one figure",
-    "store": "the outcome store of simulated ns-3 rounds: show it, or prune it",
+    "store": "the outcome store of simulated ns-3 rounds: show it, or prune it (--older-than DAYS or --all)",
 }
 
 

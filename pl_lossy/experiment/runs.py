@@ -13,9 +13,13 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
+
+from .sweeps import SweepWatcher, compare_command, progress_line, swept_keys
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -41,8 +45,22 @@ def apply_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
             setattr(args, key, value)
 
 
-def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -> "RunResult":
-    """Run the main job (``script``, e.g. examples/train.py) into ``run_dir``; exit with its error if it fails."""
+class Progress:
+    """A driver's runs made one after another: prints ``N runs into OUT`` when made, and with :meth:`done`
+    a progress line per finished run (as :class:`pl_lossy.experiment.sweeps.SweepWatcher` does for a sweep)."""
+
+    def __init__(self, total: int, out: Path) -> None:
+        self.total, self.finished, self.started = total, 0, time.time()
+        print(f"{total} runs into {out}", flush=True)
+
+    def done(self, label: str, job_s: Optional[float]) -> None:
+        self.finished += 1
+        print(progress_line(self.finished, self.total, label, job_s, time.time() - self.started), flush=True)
+
+
+def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str, progress: Optional[Progress] = None) -> "RunResult":
+    """Run the main job (``script``, e.g. examples/train.py) into ``run_dir``; exit with its error if it fails.
+    ``progress``: told when it is done (its line names the run ``name``)."""
     cmd = [sys.executable, str(script), f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *overrides]
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -51,20 +69,62 @@ def run_main_job(script: Path, run_dir: Path, overrides: list[str], name: str) -
         if lines and lines[-1].startswith("error: "):  # the app's own one-line error
             sys.exit(f"error: the {name} run failed: {lines[-1][len('error: '):]}")
         sys.exit(f"{proc.stderr[-2000:]}\nerror: the {name} run failed (exit code {proc.returncode}); its output is above")
-    return RunResult.load(run_dir)
+    result = RunResult.load(run_dir)
+    if progress is not None:
+        progress.done(name, result.summary.get("wall_time_s"))
+    return result
 
 
-def run_sweep(script: Path, sweep_dir: Path, overrides: list[str], jobs: int) -> Path:
+def run_sweep(script: Path, sweep_dir: Path, overrides: list[str], jobs: int, names: Optional[Mapping[str, str]] = None) -> Path:
     """Run the main job as one Hydra ``-m`` sweep of ``jobs`` runs into ``sweep_dir`` (every job is checked
-    before the first trains); exit with the app's one-line error if it fails. Returns ``sweep_dir``."""
+    before the first trains); exit with the app's one-line error if it fails. Returns ``sweep_dir``.
+
+    Prints the folder first, then a progress line per finished job (``[3/12] done p=0.1 n=16 seed=1 in
+    9.8 s; elapsed 31 s, about 1 min 40 s left``: the swept overrides, ``names`` shortening their keys),
+    seen from here as the jobs' summary files appear, whatever launcher runs them (see
+    :mod:`pl_lossy.experiment.sweeps`)."""
     cmd = [sys.executable, str(script), "-m", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}", *overrides]
-    print(f"$ {' '.join(cmd[1:])}\n{jobs} runs into {sweep_dir}", flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error: ")]
-        sys.exit(errors[-1] if errors else f"{proc.stderr[-2000:]}\nerror: the sweep failed (exit code {proc.returncode})")
+    print(f"{jobs} runs into {sweep_dir}\n$ {' '.join(cmd[1:])}", flush=True)
+    watcher = SweepWatcher(sweep_dir, jobs, swept_keys(overrides), names)
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a long stderr cannot stall the sweep
+        returncode = _wait_reporting(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True), watcher)
+        err.seek(0)
+        stderr = err.read()
+    if returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        messages = [line for line in lines if line.startswith("error: ")]
+        sys.exit(messages[-1] if messages else f"{stderr[-2000:]}\nerror: the sweep failed (exit code {returncode})")
     return sweep_dir
+
+
+def _wait_reporting(proc: subprocess.Popen, watcher: SweepWatcher, every_s: float = 1.0) -> int:
+    """Wait for ``proc``, printing the watcher's progress lines as jobs finish; its exit code."""
+    while True:
+        try:
+            returncode: Optional[int] = proc.wait(timeout=every_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        for line in watcher.poll():
+            print(line, flush=True)
+        if returncode is not None:
+            return returncode
+
+
+def print_compare_hint(*paths: Any, options: tuple[str, ...] = ()) -> None:
+    """A driver's last line: the ``pl-lossy compare`` command that tabulates its runs again (e.g. with another ``--target``)."""
+    print(f"compare again: {compare_command(*paths, options=options)}", flush=True)
+
+
+def launcher_overrides(jobs: int) -> list[str]:
+    """Hydra overrides that run a sweep's jobs ``jobs`` at a time on this machine (Hydra's joblib launcher,
+    the ``sweep`` extra); [] for one at a time. Exits with one line if the launcher is not installed."""
+    if jobs <= 1:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+        sys.exit("error: --jobs needs Hydra's joblib launcher: pip install 'pl-lossy[sweep]' (or hydra-joblib-launcher)")
+    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
 
 
 def mean_curve(results: list["RunResult"], column: str) -> tuple[list[int], list[float]]:

@@ -14,6 +14,18 @@ from .base import (
     round_rng,
     star_outcome,
 )
+from .bernoulli import resolve_alias
+
+
+def _p_good_to_bad_for(mean_loss: float, p_bad_to_good: float, loss_good: float, loss_bad: float) -> float:
+    """The ``p_good_to_bad`` whose stationary chain loses ``mean_loss`` of packets (ValueError if none can)."""
+    if not min(loss_good, loss_bad) <= mean_loss <= max(loss_good, loss_bad) or mean_loss == loss_bad != loss_good:
+        raise ValueError(f"loss_rate={mean_loss} is not a mean loss of a chain with loss_good={loss_good} and "
+                         f"loss_bad={loss_bad}: it must lie in [loss_good, loss_bad)")
+    if loss_bad == loss_good:
+        return 0.0 if p_bad_to_good > 0 else 1.0  # every state loses the same: any chain gives the mean
+    pi_bad = (mean_loss - loss_good) / (loss_bad - loss_good)  # mean = (1 - pi_bad) * loss_good + pi_bad * loss_bad
+    return p_bad_to_good * pi_bad / (1 - pi_bad)  # pi_bad = p_gb / (p_gb + p_bg)
 
 
 class GilbertElliottNetwork(NetworkModel):
@@ -28,6 +40,9 @@ class GilbertElliottNetwork(NetworkModel):
 
     and losses come in bursts of mean length ``1 / p_bad_to_good`` packets (with ``loss_bad = 1``).
     The defaults give mean loss 1% in bursts of 10 packets.
+
+    ``loss_rate`` (the drop probability, as on every network; ``drop_rate`` is its alias), given, is the
+    mean loss rate: it sets ``p_good_to_bad`` to give that mean, the bursts keeping their length.
     """
 
     same_on_every_rank = True
@@ -41,7 +56,14 @@ class GilbertElliottNetwork(NetworkModel):
         link_rate_bps: float = 10e9,
         latency_s: float = 50e-6,
         seed: int = 0,
+        loss_rate: float | None = None,
+        drop_rate: float | None = None,
     ) -> None:
+        loss_rate = resolve_alias("loss_rate", loss_rate, "drop_rate", drop_rate)
+        if loss_rate is not None:
+            p_good_to_bad = _p_good_to_bad_for(check_probability("loss_rate", loss_rate), p_bad_to_good,
+                                               check_probability("loss_good", loss_good),
+                                               check_probability("loss_bad", loss_bad))
         self.p_good_to_bad = check_probability("p_good_to_bad", p_good_to_bad)
         self.p_bad_to_good = check_probability("p_bad_to_good", p_bad_to_good)
         if self.p_good_to_bad + self.p_bad_to_good == 0:

@@ -18,9 +18,28 @@ from ns3_bridge.sim.round import SIM_PACKETS_PER_S, TRANSPORTS, RoundShape, pack
 from ns3_bridge.sim.topology import link_ends
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
+from .bernoulli import resolve_alias
 from .outcome_store import OutcomeStore, config_settings, resolve_path, round_key, simulator_identity
 
 log = logging.getLogger(__name__)
+
+
+#: ``loss_rate`` values a config file passes when the user set none: NetworkConfig's default and
+#: conf/network/ns3_star.yaml's. The alias ``drop_rate`` replaces them; any other must equal it.
+_LOSS_RATE_DEFAULTS = (None, 0.0, 0.01)
+
+
+def _canonical_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``drop_rate`` (the alias every network accepts) mapped to ``loss_rate``; mapped here,
+    not in NetworkConfig, so the rounds' store keys and the simulator's identity stay as they were."""
+    if "drop_rate" not in settings:
+        return settings
+    settings = dict(settings)
+    loss_rate = resolve_alias("loss_rate", settings.get("loss_rate"), "drop_rate", settings.pop("drop_rate"),
+                              unset=_LOSS_RATE_DEFAULTS)
+    if loss_rate is not None:
+        settings["loss_rate"] = loss_rate
+    return settings
 
 
 class Ns3Network(NetworkModel):
@@ -36,7 +55,8 @@ class Ns3Network(NetworkModel):
     ``topology`` (``star`` or
     ``leaf_spine`` with ``hosts_per_leaf``, ``n_spines``, ``fabric_link_rate``, ``fabric_link_delay``,
     ``fabric_queue_packets``, ``placement`` = ``packed``/``spread``/a list of each host's leaf), ``link_rate``
-    (``"10Gbps"`` or bits/s), ``link_delay`` (``"10us"`` or seconds), ``loss_rate`` (error model ``rate``),
+    (``"10Gbps"`` or bits/s), ``link_delay`` (``"10us"`` or seconds), ``loss_rate`` (error model ``rate``;
+    ``drop_rate`` is its alias),
     ``queue_packets`` (switch buffer per port), ``queue_disc`` (``none``/``fifo``), ``error_model``
     (``rate``/``burst``/``gilbert_elliott``) and its parameters, ``seed``. ``timeout_s`` bounds every
     request; ``startup_timeout_s`` the bridge's start (which may build ns-3's precompiled header once).
@@ -88,7 +108,7 @@ class Ns3Network(NetworkModel):
         **settings: Any,
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
-        self.config = NetworkConfig.from_dict(settings)
+        self.config = NetworkConfig.from_dict(_canonical_names(settings))
         self.seed = self.config.seed
         if transport not in TRANSPORTS:
             raise ValueError(
@@ -287,6 +307,12 @@ class Ns3Network(NetworkModel):
         if simulator is None:
             raise RuntimeError("no store key for the rounds of a bridge that reports no simulator identity")
         return round_key(self._settings, shape, round_index, simulator)
+
+    def store_key(self, spec: RoundSpec) -> Optional[str]:
+        """Round ``spec``'s key in an outcome store (what a trace records, so that ``pl-lossy store import`` can
+        put the trace's rounds where this network's runs look them up); None for a bridge that reports no
+        simulator identity (its rounds never enter a store)."""
+        return self._key(spec, spec.round) if self._simulator_identity() is not None else None
 
     def store_summary(self) -> Optional[dict[str, Any]]:
         """This run's hits, misses and the store's size (None when there is no store or it was never used)."""

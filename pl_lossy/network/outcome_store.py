@@ -30,6 +30,7 @@ import os
 import re
 import sqlite3
 import struct
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -254,27 +255,48 @@ class OutcomeStore:
         return out
 
     def size(self) -> dict[str, int]:
-        """``rounds`` stored and ``bytes`` on disk (the database and its write-ahead log)."""
+        """``rounds`` stored, ``bytes`` they take (payloads and keys: the same for the same contents, 0 with no
+        rounds), and ``file``, the bytes on disk (database and write-ahead log: free pages and an unmerged log
+        make it vary, so it is reported apart)."""
+        size = {"rounds": 0, "bytes": 0}
         db = self._connection()
-        rounds = 0
         if db is not None:
             try:
-                rounds = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
+                size = self._measure(db, float("inf"))
             except sqlite3.Error:
                 pass
         files = [self.path, self.path.with_name(self.path.name + "-wal")]
-        return {"rounds": rounds, "bytes": sum(f.stat().st_size for f in files if f.exists())}
+        return {**size, "file": sum(f.stat().st_size for f in files if f.exists())}
+
+    @staticmethod
+    def _measure(db: sqlite3.Connection, cutoff: float) -> dict[str, int]:
+        """Rounds last served before ``cutoff`` (unix time) and their bytes (payload plus key)."""
+        rounds, size = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload) + LENGTH(key)), 0) FROM outcomes "
+                                  "WHERE used < ?", (cutoff,)).fetchone()
+        return {"rounds": int(rounds), "bytes": int(size)}
 
     def prune(self, older_than_s: Optional[float] = None) -> int:
         """Delete entries not served for ``older_than_s`` seconds (all with None); returns how many went."""
+        return self.prune_rounds(older_than_s)["rounds"]
+
+    def prune_rounds(self, older_than_s: Optional[float] = None) -> dict[str, int]:
+        """:meth:`prune`, returning the ``rounds`` deleted and the ``bytes`` they took (see :meth:`size`),
+        counted in the same transaction as the deletion. The file shrinks too (checkpoint, VACUUM)."""
         db = self._connection()
         if db is None:
-            return 0
+            return {"rounds": 0, "bytes": 0}
         cutoff = time.time() - older_than_s if older_than_s is not None else float("inf")
-        deleted = db.execute("DELETE FROM outcomes WHERE used < ?", (cutoff,)).rowcount
+        db.execute("BEGIN IMMEDIATE")  # no writer slips a round in between counting and deleting
+        try:
+            gone = self._measure(db, cutoff)
+            db.execute("DELETE FROM outcomes WHERE used < ?", (cutoff,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.execute("VACUUM")
-        return deleted
+        return gone
 
     def close(self) -> None:
         db, self._db = self._db, None
@@ -293,30 +315,83 @@ class OutcomeStore:
 
 
 def _human(n_bytes: int) -> str:
+    if n_bytes < 1e3:
+        return f"{n_bytes:,} B"
     return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
 
 
+def _held(size: dict[str, int]) -> str:
+    """``22 rounds, 218 kB``: what the rounds take (see :meth:`OutcomeStore.size`)."""
+    return f"{size['rounds']:,} rounds, {_human(size['bytes'])}"
+
+
+PRUNE_NEEDS = "prune needs --older-than DAYS (rounds not used for that many days) or --all (every round); nothing deleted"
+
+
+def _import_trace(trace_path: Path, path: Path) -> int:
+    """Every round of a trace into the store at ``path`` (an entry already there under its key stays as it is)."""
+    from .trace import TraceNetwork
+
+    if not trace_path.is_file():
+        print(f"error: no trace at {trace_path} (record one with strategy.record_trace=PATH)", file=sys.stderr)
+        return 2
+    try:
+        entries = list(TraceNetwork(trace_path).store_entries())
+    except (ValueError, OSError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = OutcomeStore(path)
+    new = [(key, out) for key, out in entries if not store.contains(key)]
+    for key, out in new:
+        store.put(key, out)
+    size = store.size()
+    store.close()
+    print(f"imported {len(new):,} of {len(entries):,} rounds from {trace_path} ({len(entries) - len(new):,} were there); "
+          f"{path}: {_held(size)}")
+    return 0 if store.usable else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``pl-lossy store [show|prune] [--path P] [--older-than DAYS]``."""
+    """``pl-lossy store [show|prune|import TRACE] [--path P] [--older-than DAYS | --all]``. ``prune`` deletes nothing
+    unless told what (exit 2 with one line saying what to add), then prints what it deleted and what is left;
+    ``import`` puts a trace's rounds (store entries, ``record_trace=``) into the store under their own keys."""
     p = argparse.ArgumentParser(prog="pl-lossy store", description="The outcome store of simulated ns-3 rounds.")
-    p.add_argument("action", nargs="?", choices=("show", "prune"), default="show")
+    p.add_argument("action", nargs="?", choices=("show", "prune", "import"), default="show")
+    p.add_argument("trace", nargs="?", type=Path, help="import: a trace recorded with strategy.record_trace")
     p.add_argument("--path", type=Path, help="the store (default: $PL_LOSSY_STORE, else the user cache's outcomes.sqlite)")
-    p.add_argument("--older-than", type=float, metavar="DAYS", help="prune: only entries not used for this many days")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--older-than", type=float, metavar="DAYS", help="prune: the rounds not used for this many days")
+    which.add_argument("--all", action="store_true", help="prune: every round")
     args = p.parse_args(argv)
+    chosen = args.all or args.older_than is not None
+    if args.action == "prune" and not chosen:
+        print(f"error: {PRUNE_NEEDS}", file=sys.stderr)
+        return 2
+    if args.action == "show" and chosen:
+        print("error: --older-than and --all choose what `pl-lossy store prune` deletes; `show` takes neither", file=sys.stderr)
+        return 2
+    if (args.action == "import") != (args.trace is not None):
+        print("error: `pl-lossy store import TRACE` takes the path of a trace (strategy.record_trace=...); "
+              "show and prune take none", file=sys.stderr)
+        return 2
+    if args.older_than is not None and not args.older_than >= 0:
+        print(f"error: --older-than must be >= 0 days, got {args.older_than}", file=sys.stderr)
+        return 2
     path = args.path or default_path()
     if path is None:
         print("the outcome store is off (PL_LOSSY_STORE=off)")
         return 0
+    if args.action == "import":
+        return _import_trace(args.trace, path)
     if not path.exists():
         print(f"no outcome store at {path} (runs create it when they simulate a round)")
         return 0
     store = OutcomeStore(path)
     if args.action == "prune":
-        if args.older_than is not None and args.older_than < 0:
-            p.error(f"--older-than must be >= 0 days, got {args.older_than}")
-        gone = store.prune(None if args.older_than is None else args.older_than * 86400)
-        print(f"pruned {gone:,} rounds")
+        gone = store.prune_rounds(None if args.all else args.older_than * 86400)
+        which_rounds = "" if args.all else f" not used for {args.older_than:g} day{'' if args.older_than == 1 else 's'}"
+        print(f"deleted {gone['rounds']:,} rounds ({_human(gone['bytes'])}){which_rounds}")
     size = store.size()
-    print(f"{path}: {size['rounds']:,} rounds, {_human(size['bytes'])}; simulator now: {simulator_identity()}")
+    print(f"{path}: {_held(size)} (file {_human(size['file'])}); simulator now: {simulator_identity()}")
     store.close()
     return 0 if store.usable else 1

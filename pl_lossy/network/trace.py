@@ -1,15 +1,30 @@
-"""Record a run's round outcomes to a file and replay them exactly."""
+"""Record a run's round outcomes to a file and replay them exactly.
+
+A trace is a run's rounds as outcome-store entries (:mod:`pl_lossy.network.outcome_store`): each round's
+outcome in the store's encoding (masks as bits, phase times, stats) with its CRC-32 and its store key. For a
+network that keys a store (ns-3) that key is the one its store uses, so ``pl-lossy store import TRACE`` puts a
+trace's rounds into a store and a later run of that network replays them from there; every round also keeps
+its full spec (sizes, deadline, stragglers, failures), which replay checks field by field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
+from .outcome_store import decode, encode
+
+#: The trace file's format: 3 holds store entries; 2 (packed masks and times, per-round specs) and 1 (the same with
+#: one spec for every round) are read for replay.
+TRACE_FORMAT = 3
 
 #: Fields that may differ from one round of a run to the next: an adaptive deadline, the stragglers' nominal
 #: compute time (measured or modelled). Every other field is the run's (the same in every round).
@@ -47,11 +62,13 @@ def _differences(recorded: dict, asked: dict) -> tuple[str, str] | None:
 class TraceRecorder(NetworkModel):
     """Wraps a network model and remembers every outcome it gives; ``close()`` writes them to ``path``.
 
-    The file is an ``.npz``: ``rounds`` [R], packed ``up``/``down`` bits [R, bytes], ``up_time_s``,
-    ``down_time_s`` [R]; each round's full spec (every :class:`RoundSpec` field but ``round``: sizes, deadline,
-    stragglers, failures) as ``round_keys`` (JSON list of the distinct ones) and ``round_key_index`` [R]; the
-    fields common to every round as JSON (``spec``); the network's ``seed`` and ``describe()`` (``network``).
-    Stats are not recorded. The rounds must be of one run: only ``deadline_s`` and ``compute_s`` may vary.
+    The file is an ``.npz``: ``rounds`` [R]; the rounds as store entries: ``payload`` (their
+    :func:`~pl_lossy.network.outcome_store.encode` bytes, one after another), ``offsets`` [R + 1], ``crc`` [R]
+    and ``store_keys`` (JSON: each round's store key, the network's own where it has one: ``store_key(spec)``);
+    each round's full spec (every :class:`RoundSpec` field but ``round``: sizes, deadline, stragglers, failures)
+    as ``round_keys`` (JSON list of the distinct ones) and ``round_key_index`` [R]; the fields common to every
+    round as JSON (``spec``); the network's ``seed`` and ``describe()`` (``network``); ``format``. The rounds
+    must be of one run: only ``deadline_s`` and ``compute_s`` may vary.
     """
 
     def __init__(self, network: NetworkModel, path: str | os.PathLike) -> None:
@@ -61,7 +78,7 @@ class TraceRecorder(NetworkModel):
         self.same_on_every_rank = network.same_on_every_rank
         self.transport = network.transport
         self._run: dict | None = None  # the run's fields, from the first round
-        self._rounds: dict[int, tuple[RoundOutcome, dict]] = {}
+        self._rounds: dict[int, tuple[RoundOutcome, dict, str]] = {}
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         out = self.network.outcome(spec)
@@ -70,8 +87,19 @@ class TraceRecorder(NetworkModel):
             self._run = _run_fields(key)
         elif (differ := _differences(self._run, _run_fields(key))) is not None:
             raise ValueError(f"a trace holds the rounds of one run; round {spec.round} has {differ[1]} after {differ[0]}")
-        self._rounds[spec.round] = (out, key)
+        self._rounds[spec.round] = (out, key, self._store_key(spec, key))
         return out
+
+    def _store_key(self, spec: RoundSpec, key: dict) -> str:
+        """The round's key in an outcome store: the network's own (ns-3's, with its settings and simulator), else a
+        hash of what decides an analytic network's outcome (its description, seed, the spec and the round): a key
+        no store lookup asks for, which keeps the entry's format the same."""
+        own = getattr(self.network, "store_key", None)
+        key = own(spec) if callable(own) else None
+        if key is not None:
+            return key
+        blob = json.dumps({"network": self.network.describe(), "seed": self.seed, "spec": key, "round": spec.round}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def check_round(self, spec: RoundSpec) -> None:
         self.network.check_round(spec)
@@ -88,6 +116,7 @@ class TraceRecorder(NetworkModel):
         rounds = sorted(self._rounds)
         outs = [self._rounds[r][0] for r in rounds]
         keys = [self._rounds[r][1] for r in rounds]
+        payloads = [encode(o) for o in outs]
         texts = [json.dumps(k, sort_keys=True) for k in keys]
         distinct = sorted(set(texts))  # one per round with an adaptive deadline, else one or two
         where = {text: i for i, text in enumerate(distinct)}
@@ -95,11 +124,12 @@ class TraceRecorder(NetworkModel):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
             self.path,
+            format=np.asarray(TRACE_FORMAT, dtype=np.int64),
             rounds=np.asarray(rounds, dtype=np.int64),
-            up=np.stack([np.packbits(o.up.ravel()) for o in outs]),
-            down=np.stack([np.packbits(o.down.ravel()) for o in outs]),
-            up_time_s=np.asarray([o.up_time_s for o in outs]),
-            down_time_s=np.asarray([o.down_time_s for o in outs]),
+            payload=np.frombuffer(b"".join(payloads), dtype=np.uint8),
+            offsets=np.cumsum([0, *map(len, payloads)], dtype=np.int64),
+            crc=np.asarray([zlib.crc32(p) for p in payloads], dtype=np.uint32),
+            store_keys=np.asarray(json.dumps([self._rounds[r][2] for r in rounds])),
             spec=np.asarray(json.dumps(common)),  # the fields every round shares: what check_round compares
             round_keys=np.asarray(json.dumps([json.loads(text) for text in distinct])),
             round_key_index=np.asarray([where[text] for text in texts], dtype=np.int64),
@@ -184,10 +214,30 @@ class TraceNetwork(NetworkModel):
         differ = _differences(data["keys"][i], _round_key(spec))
         if differ is not None:
             raise ValueError(f"trace {self.path} was recorded for rounds of {differ[0]}, but round {spec.round} asks for {differ[1]}")
-        n_up = int(np.prod(spec.up_shape))
-        up = np.unpackbits(data["up"][i], count=n_up).astype(bool).reshape(spec.up_shape)
-        down = np.unpackbits(data["down"][i], count=n_up).astype(bool).reshape(spec.down_shape)
+        return self._entry(data, i)
+
+    def _entry(self, data: dict, i: int) -> RoundOutcome:
+        """The i-th recorded round (a store entry, its CRC checked; or, in older traces, packed masks and times)."""
+        if "payload" in data:
+            payload = data["payload"][data["offsets"][i] : data["offsets"][i + 1]].tobytes()
+            if zlib.crc32(payload) != int(data["crc"][i]):
+                raise ValueError(f"trace {self.path} is damaged at round {int(data['rounds'][i])} (checksum mismatch): record it again")
+            return decode(payload)
+        key = data["keys"][i]
+        shape = (key["n_workers"], key["n_servers"], key["packets_per_block"])
+        n = int(np.prod(shape))
+        up = np.unpackbits(data["up"][i], count=n).astype(bool).reshape(shape)
+        down = np.unpackbits(data["down"][i], count=n).astype(bool).reshape(shape[1], shape[0], shape[2])
         return RoundOutcome(up, down, float(data["up_time_s"][i]), float(data["down_time_s"][i]))
+
+    def store_entries(self) -> Iterator[tuple[str, RoundOutcome]]:
+        """Every recorded round as (store key, outcome): what ``pl-lossy store import`` puts into a store.
+        ValueError for a trace from before traces held store entries (record it again)."""
+        data = self._load()
+        if "store_keys" not in data:
+            raise ValueError(f"trace {self.path} is of an older format without store keys: record it again to import it")
+        for i, key in enumerate(json.loads(str(data["store_keys"]))):
+            yield key, self._entry(data, i)
 
     @property
     def recorded_network(self) -> str:
