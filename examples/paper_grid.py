@@ -146,6 +146,22 @@ def plot(grids: dict[str, dict[tuple[float, int], list[RunResult]]], path: Path,
     save_figure(fig, path, title)
 
 
+def gap_table(grid: dict) -> str:
+    """The gap to p = 0 at each n, final training loss / validation accuracy (means over seeds), as markdown."""
+    ns = sorted({n for _, n in grid})
+    lines = ["| p | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for p in sorted({p for p, _ in grid}):
+        if p == 0:
+            continue
+        cells = [
+            f"{final(grid[(p, n)], 'train_loss') - final(grid[(0.0, n)], 'train_loss'):+.4f} / "
+            f"{final(grid[(p, n)], 'val_acc') - final(grid[(0.0, n)], 'val_acc'):+.4f}"
+            if (p, n) in grid and (0.0, n) in grid else "-" for n in ns
+        ]
+        lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     args, overrides = driver_arguments(parse)
     started = time.time()
@@ -158,18 +174,9 @@ def main() -> None:
     title = (f"RPS on MNIST-1D (CNN), plain SGD, batch 32 per worker, {args.steps} steps, "
              f"{'i.i.d. drops' if args.network == 'bernoulli' else 'ns-3 star'}, {len(args.seeds)} seeds")
     plot(grids, args.out / "grid.png", title)
-    print(f"\nthe gap to p = 0 (final training loss / accuracy, mean over {len(args.seeds)} seeds):")
-    ns = sorted({n for _, n in grid})
-    print("| p | " + " | ".join(f"n = {n}" for n in ns) + " |\n|---|" + "---|" * len(ns))
-    for p in sorted({p for p, _ in grid}):
-        if p == 0:
-            continue
-        cells = [
-            f"{final(grid[(p, n)], 'train_loss') - final(grid[(0.0, n)], 'train_loss'):+.4f} / "
-            f"{final(grid[(p, n)], 'val_acc') - final(grid[(0.0, n)], 'val_acc'):+.4f}"
-            if (p, n) in grid and (0.0, n) in grid else "-" for n in ns
-        ]
-        print(f"| {p:g} | " + " | ".join(cells) + " |")
+    gaps = gap_table(grid)
+    (args.out / "gaps.md").write_text(gaps)
+    print(f"\nthe gap to p = 0 (final training loss / accuracy, mean over {len(args.seeds)} seeds):\n{gaps}", end="")
     if len(grids) > 1:
         print(f"\nthe ablation: final training loss by aggregation rule (mean over {len(args.seeds)} seeds):")
         print("| p | n | " + " | ".join(grids) + " |\n|---|---|" + "---|" * len(grids))

@@ -217,6 +217,7 @@ def test_paper_grid_driver_runs_a_tiny_grid_and_reports_it(tmp_path):
     assert float(rows[(0.5, 2)]["train_loss_std"]) > 0  # two seeds, two different runs
     gaps = [line for line in proc.stdout.splitlines() if line.startswith("| 0.5 |") and " / " in line]
     assert len(gaps) == 1 and gaps[0].count("/") == 2  # the gap to p = 0 at n = 2 and n = 4
+    assert gaps[0] in (tmp_path / "grid" / "gaps.md").read_text().splitlines()  # the same table, in a file the docs include
     assert (tmp_path / "grid" / "grid.png").stat().st_size > 20_000
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pl_lossy import LossyPSStrategy

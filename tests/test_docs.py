@@ -67,6 +67,7 @@ def _docs_check():
 
     spec = importlib.util.spec_from_file_location("docs_check", ROOT / "docs" / "tools" / "docs_check.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SubsetRandomSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, SubsetRandomSampler, TensorDataset
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
 from pl_lossy.workers.sharding import shard_dataloader

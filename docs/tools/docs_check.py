@@ -44,6 +44,7 @@ class Block:
     fast: bool
     wall: tuple[str, ...]
     body: str
+    header: str  # the block's opening comment line, as written
 
     @property
     def name(self) -> str:
@@ -56,7 +57,8 @@ def blocks(pages: list[Path]) -> list[Block]:
         for m in BLOCK.finditer(page.read_text()):
             attrs = {a or flag: v for a, v, flag in ATTR.findall(m.group("attrs"))}
             found.append(Block(page, attrs["cmd"], ROOT / attrs["file"], float(attrs.get("tolerance", 0)), "fast" in attrs,
-                               tuple(c for c in attrs.get("wall", "").split(",") if c), m.group("body")))
+                               tuple(c for c in attrs.get("wall", "").split(",") if c), m.group("body"),
+                               f"<!-- generated: {m.group('attrs')} -->\n"))
     return found
 
 
@@ -90,24 +92,26 @@ def drifts(block: Block, measured: str) -> list[str]:
     return out
 
 
-def run(block: Block) -> str:
-    """Run the block's command from the repository's root (``python`` is this interpreter); return its file's text."""
+def run(block: Block) -> None:
+    """Run the block's command from the repository's root (``python`` is this interpreter)."""
     argv = shlex.split(block.cmd)
     if argv[0] == "python":
         argv[0] = sys.executable
     started = time.monotonic()
     print(f"$ {block.cmd}", flush=True)
-    done = subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
+    done = subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its progress lines show
     if done.returncode != 0:
         raise SystemExit(f"error: {block.cmd!r} exited {done.returncode} ({block.name})")
     print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
-    return block.file.read_text()
 
 
 def write(block: Block, measured: str) -> None:
+    """Replace the block's text in its page with ``measured`` (the markers stay)."""
+    end = "<!-- end generated -->"
     text = block.page.read_text()
-    text = text.replace(block.body, measured if measured.endswith("\n") else measured + "\n", 1)
-    block.page.write_text(text)
+    old = block.header + block.body + end
+    assert old in text, f"{block.name}: the block changed on disk"
+    block.page.write_text(text.replace(old, block.header + measured.rstrip("\n") + "\n" + end, 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print("error: no generated block to check (see docs/tools/docs_check.py)", file=sys.stderr)
         return 2
-    problems = []
+    problems, ran = [], set()
     for b in chosen:
-        measured = run(b)
+        if b.cmd not in ran:  # blocks that quote two files of one command run it once
+            run(b)
+            ran.add(b.cmd)
+        measured = b.file.read_text()
         if args.write:
             write(b, measured)
             print(f"  wrote {b.name}")
