@@ -102,7 +102,7 @@ def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from pl_lossy.workers.replicas import _fp32_batchnorm
+    from pl_lossy.workers.steps import _fp32_batchnorm
     from pl_lossy.workers.step_graph import GraphedStep
 
     device = torch.device(args.device)

@@ -55,7 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="aggregation rules (rps first: the grid's; others for the ablation panel)")
     p.add_argument("--out", type=Path, default=Path("outputs/paper_grid"))
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs side by side on this machine (Hydra's joblib launcher: pip install 'pl-lossy[sweep]')")
+                   help="runs side by side on this machine (Hydra's joblib launcher: pip install -e '.[sweep]')")
     args = p.parse_args(argv)
     if args.rules[0] != "rps":
         args.rules = ["rps", *(r for r in args.rules if r != "rps")]

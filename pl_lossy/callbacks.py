@@ -102,6 +102,10 @@ class RunSummary(Callback):
         self.background = BackgroundTally()
         self.drops = DropTally()
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """A fit's tallies are its own (a second fit on the same Trainer starts from nothing)."""
+        self.background, self.drops = BackgroundTally(), DropTally()
+
     def on_round_end(self, trainer: "pl.Trainer", strategy) -> None:
         if trainer.is_global_zero:
             self.background.add(strategy.last_round.stats)
@@ -167,7 +171,9 @@ class DropTally:
     (``drops_queue``: full switch buffers, ns-3), ``source`` (``drops_source``: dropped by their senders),
     ``late`` (``packets_late``: arrived after the deadline); ``other``: lost for no reported cause (an analytic
     network's random drops, down workers' packets). ``workers_down`` (when workers failed) counts worker-rounds,
-    not packets, so it sits beside them."""
+    not packets, so it sits beside them. ns-3 counts link-error and queue drops over all the traffic it carries:
+    where training shares the fabric (tenants' flows, or TCP with its acknowledgements and retransmissions)
+    those two go under ``all_traffic`` instead, and are not taken as causes of training's losses."""
 
     CAUSES = {"drops_link_error": "link_error", "drops_queue": "queue", "drops_source": "source", "packets_late": "late"}
 
@@ -177,6 +183,7 @@ class DropTally:
         self.lost = 0.0
         self.causes: dict[str, float] = {}
         self.workers_down = 0.0
+        self.shared = False  # whether other traffic than training's packets crossed the fabric (then ns-3's counts are of all)
         self._per_phase: Optional[int] = None  # packets a phase sends over the network (local pairs never do)
 
     def add(self, record, strategy) -> None:
@@ -184,6 +191,8 @@ class DropTally:
         if self._per_phase is None:
             spec = strategy.round_spec(record.round)
             self._per_phase = int((~spec.local_pairs()).sum()) * spec.packets_per_block
+            self.shared = spec.transport == "tcp"
+        self.shared = self.shared or "background_flows" in record.stats
         self.rounds += 1
         self.packets += 2 * self._per_phase
         self.lost += (2.0 - record.delivered_up - record.delivered_down) * self._per_phase
@@ -194,8 +203,12 @@ class DropTally:
 
     def summary(self) -> dict[str, int]:
         lost = round(self.lost)
-        out = {"packets": self.packets, "lost": lost, **{k: round(v) for k, v in self.causes.items()}}
-        out["other"] = max(lost - sum(round(v) for v in self.causes.values()), 0)
+        counts = {k: round(v) for k, v in self.causes.items()}
+        all_traffic = {k: counts.pop(k) for k in ("link_error", "queue") if self.shared and k in counts}
+        out = {"packets": self.packets, "lost": lost, **counts}
+        out["other"] = max(lost - sum(counts.values()), 0)
+        if all_traffic:
+            out["all_traffic"] = all_traffic
         if self.workers_down:
             out["workers_down"] = round(self.workers_down)
         return out
@@ -206,9 +219,11 @@ def drops_line(drops: Optional[dict[str, int]]) -> str:
     in worker-rounds); "" without a tally."""
     if not drops:
         return ""
-    causes = {k: v for k, v in drops.items() if k not in ("packets", "lost", "workers_down") and v}
+    causes = {k: v for k, v in drops.items() if k not in ("packets", "lost", "workers_down", "all_traffic") and v}
     parts = [f"{k} {v:,}" for k, v in sorted(causes.items(), key=lambda kv: -kv[1])]
     line = f"drops: {drops['lost']:,} of {drops['packets']:,} packets" + (": " + ", ".join(parts) if parts else "")
+    shared = ", ".join(f"{k} {v:,}" for k, v in (drops.get("all_traffic") or {}).items() if v)
+    line += f"; all traffic on the fabric: {shared}" if shared else ""
     down = drops.get("workers_down", 0)
     return line + (f"; workers down {down:,} worker-round{'' if down == 1 else 's'}" if down else "")
 

@@ -117,8 +117,17 @@ def load_rounds(directory, n):
 
 
 def trace_masks(path):
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    """A trace's rounds as arrays: ``rounds`` [R], packed ``up``/``down`` bits [R, bytes], ``up_time_s``/``down_time_s`` [R]."""
+    from pl_lossy.network import TraceNetwork
+
+    rounds, outs = zip(*TraceNetwork(path).recorded())
+    return {
+        "rounds": np.asarray(rounds),
+        "up": np.stack([np.packbits(o.up.ravel()) for o in outs]),
+        "down": np.stack([np.packbits(o.down.ravel()) for o in outs]),
+        "up_time_s": np.asarray([o.up_time_s for o in outs]),
+        "down_time_s": np.asarray([o.down_time_s for o in outs]),
+    }
 
 
 class SaveWorkers(pl.Callback):

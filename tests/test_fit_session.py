@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from pl_lossy import BernoulliNetwork, LossyPSStrategy
+from pl_lossy import BernoulliNetwork, LossyPSStrategy, TraceNetwork
 from pl_lossy.experiment.data import DigitsDataModule
 from pl_lossy.experiment.models import Classifier, SmallCNN
 from tests.fits import digits_model, fit_in_process, in_process
@@ -70,9 +69,9 @@ def test_a_second_fit_on_the_same_trainer_starts_a_new_session(tmp_path):
         trainer.fit(big, dm)
     assert strategy.compute.step_flops == one_worker_step_flops(*digits_model(seed=1, hidden=(512,))) > 10 * small
     assert steps and strategy.clock.rounds == len(steps)  # the second fit's clock started at round 0
-    with np.load(tmp_path / "t.npz") as z:  # the trace holds the second fit's rounds
-        assert list(z["rounds"]) == list(range(len(steps)))
-        assert z["up"].shape[1] > 0
+    recorded = list(TraceNetwork(tmp_path / "t.npz").recorded())  # the trace holds the second fit's rounds, of its size
+    assert [r for r, _ in recorded] == list(range(len(steps)))
+    assert recorded[0][1].up.shape == strategy.session.spec.up_shape
 
 
 def test_predict_with_virtual_workers_uses_the_loader_as_it_is():
@@ -187,3 +186,32 @@ def test_adam_with_failures_and_stacked_workers_is_refused_before_the_first_step
     with pytest.raises(ValueError, match="worker_failures with workers_per_device > 1"):
         fit_in_process(strategy, model, dm, max_steps=2, callbacks=[CountSteps()])
     assert not steps
+
+
+def test_dedicated_servers_resume_into_another_worker_count_from_worker_zero(tmp_path, caplog):
+    """The servers' blocks of another layout do not fit: the servers start from worker 0's restored model (a warning)."""
+    model, dm = digits_model(seed=7)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    saving = LossyPSStrategy(network=BernoulliNetwork(0.3, seed=7), workers_per_device=2, colocated_servers=False,
+                             start_method="popen")
+    fit_in_process(saving, model, dm, max_steps=2, callbacks=[ckpt], enable_checkpointing=True)
+    model, dm = digits_model(seed=8)
+    resumed = LossyPSStrategy(network=BernoulliNetwork(0.3, seed=7), workers_per_device=1, colocated_servers=False,
+                              start_method="popen")
+    servers = []
+
+    class FirstStep(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if not servers:
+                servers.append(resumed.session.exchange.server_blocks.clone())
+
+    with caplog.at_level("WARNING"):
+        pl_trainer = pl.Trainer(strategy=resumed, accelerator="cpu", devices=1, max_steps=4, logger=False, callbacks=[FirstStep()],
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        with in_process():
+            pl_trainer.fit(model, dm, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert "dedicated-server blocks (2," in caplog.text and "start from worker 0's restored model" in caplog.text
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["lossy_ps"]["workers"]["params"][0]
+    numel = saved.numel()
+    assert torch.equal(servers[0].reshape(-1)[:numel], saved)  # worker 0's replica, as restored
+    assert resumed.clock.rounds == 4

@@ -1,7 +1,6 @@
 """ns-3 in the loop: the real bridge server driving the real simulator."""
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -277,15 +276,15 @@ def test_fit_over_ns3_on_two_processes(tmp_path):
 
     from pl_lossy import LossyPSStrategy, Ns3Network
 
-    from fits import digits_model, fit, steps_per_epoch
+    from fits import digits_model, fit, steps_per_epoch, trace_masks
 
     model, dm = digits_model()
     network = Ns3Network(loss_rate=0.1, link_rate="1Gbps", seed=0)
     strategy = LossyPSStrategy(network=network, start_method="fork", record_trace=str(tmp_path / "trace.npz"))
     trainer = fit(strategy, model, dm, max_epochs=2, logger=CSVLogger(tmp_path, name="m"), log_every_n_steps=1)
     assert float(trainer.callback_metrics["val_acc"]) > 0.8
-    with np.load(tmp_path / "trace.npz") as z:
-        assert len(z["rounds"]) == 2 * steps_per_epoch(dm) and z["up_time_s"].min() > 0
+    z = trace_masks(tmp_path / "trace.npz")
+    assert len(z["rounds"]) == 2 * steps_per_epoch(dm) and z["up_time_s"].min() > 0
     import csv
 
     rows = [r for r in csv.DictReader(open(tmp_path / "m" / "version_0" / "metrics.csv")) if r.get("net/delivered_up")]
@@ -581,9 +580,9 @@ def test_a_training_rank_killed_mid_fit_fails_the_fit_and_leaves_no_bridge(tmp_p
 def test_gradient_rules_over_bursty_ns3_loss_train_the_same_workers_in_any_layout(bridge, tmp_path, rule):
     """Gilbert-Elliott bursts on the real simulator: the rule applies ns-3's drops to the gradients, and
     2 processes x 1 worker and 1 x 2 end with the same workers (Hadamard signs agree across processes)."""
-    from pl_lossy import LossyPSStrategy, Ns3Network
+    from pl_lossy import LossyPSStrategy, Ns3Network, TraceNetwork
 
-    from fits import SaveWorkers, digits_model, fit, trace_masks
+    from fits import SaveWorkers, digits_model, fit
 
     runs = {}
     for processes, k in ((2, 1), (1, 2)):
@@ -596,10 +595,7 @@ def test_gradient_rules_over_bursty_ns3_loss_train_the_same_workers_in_any_layou
         saver = SaveWorkers(tmp_path / name)
         fit(strategy, model, dm, devices=processes, limit_train_batches=5, limit_val_batches=1, callbacks=[saver])
         runs[name] = saver.load(processes)[0]
-    masks = trace_masks(tmp_path / "2x1.npz")
-    spec = json.loads(str(masks["spec"]))
-    n_up = spec["n_workers"] * spec["n_servers"] * spec["packets_per_block"]
-    delivered = np.stack([np.unpackbits(row, count=n_up) for row in masks["up"]])
+    delivered = np.stack([out.up for _, out in TraceNetwork(tmp_path / "2x1.npz").recorded()])
     assert 0.5 < delivered.mean() < 1.0  # bursts dropped packets
     assert (runs["2x1"][0] - runs["2x1"][1]).abs().max() > 1e-4  # and the workers' gradients differed
     torch.testing.assert_close(runs["1x2"], runs["2x1"], rtol=0, atol=1e-6)

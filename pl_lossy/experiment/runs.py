@@ -123,7 +123,7 @@ def launcher_overrides(jobs: int) -> list[str]:
     import importlib.util
 
     if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
-        sys.exit("error: --jobs needs Hydra's joblib launcher: pip install 'pl-lossy[sweep]' (or hydra-joblib-launcher)")
+        sys.exit("error: --jobs needs Hydra's joblib launcher: pip install -e '.[sweep]' (or hydra-joblib-launcher)")
     return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
 
 

@@ -341,6 +341,7 @@ class Ns3Network(NetworkModel):
         self._client = self._process = None
         # another connection may reach another bridge (restarted, upgraded): configure and ask it again
         self._configured = self._simulator_known = False
+        self._ahead_until = -1  # a later fit starts at round 0 again: run ahead from there
         if client is not None and process is not None and process.poll() is None:
             try:  # only a bridge we started is ours to shut down
                 client.shutdown(timeout_s=5.0)

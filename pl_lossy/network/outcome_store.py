@@ -335,10 +335,16 @@ def _import_trace(trace_path: Path, path: Path) -> int:
     if not trace_path.is_file():
         print(f"error: no trace at {trace_path} (record one with strategy.record_trace=PATH)", file=sys.stderr)
         return 2
+    from .trace import ANALYTIC_KEY
+
     try:
         entries = list(TraceNetwork(trace_path).store_entries())
     except (ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if any(key.startswith(ANALYTIC_KEY) for key, _ in entries):
+        print(f"error: {trace_path} records an analytic network (no store serves its rounds: it computes them); "
+              "only traces of ns-3 runs are imported", file=sys.stderr)
         return 2
     store = OutcomeStore(path)
     new = [(key, out) for key, out in entries if not store.contains(key)]

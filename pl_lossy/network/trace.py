@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,8 @@ from .outcome_store import decode, encode
 #: The trace file's format: 3 holds store entries; 2 (packed masks and times, per-round specs) and 1 (the same with
 #: one spec for every round) are read for replay.
 TRACE_FORMAT = 3
+#: How a round's key starts when its network keys no store (an analytic model): no store lookup asks for it.
+ANALYTIC_KEY = "trace:"
 
 #: Fields that may differ from one round of a run to the next: an adaptive deadline, the stragglers' nominal
 #: compute time (measured or modelled). Every other field is the run's (the same in every round).
@@ -95,11 +98,11 @@ class TraceRecorder(NetworkModel):
         hash of what decides an analytic network's outcome (its description, seed, the spec and the round): a key
         no store lookup asks for, which keeps the entry's format the same."""
         own = getattr(self.network, "store_key", None)
-        key = own(spec) if callable(own) else None
-        if key is not None:
-            return key
+        own_key = own(spec) if callable(own) else None
+        if own_key is not None:
+            return own_key
         blob = json.dumps({"network": self.network.describe(), "seed": self.seed, "spec": key, "round": spec.round}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return ANALYTIC_KEY + hashlib.sha256(blob.encode()).hexdigest()
 
     def check_round(self, spec: RoundSpec) -> None:
         self.network.check_round(spec)
@@ -139,8 +142,10 @@ class TraceRecorder(NetworkModel):
         return self.path
 
     def close(self) -> None:
-        self.save()
-        self.network.close()
+        try:
+            self.save()
+        finally:  # a trace that cannot be written still releases the network (no bridge left behind)
+            self.network.close()
 
     def describe(self) -> str:
         return f"{self.network.describe()} recorded to {self.path}"
@@ -159,8 +164,12 @@ class TraceNetwork(NetworkModel):
         if self._data is None:
             if not self.path.is_file():
                 raise FileNotFoundError(f"trace file {self.path} does not exist (record one with record_trace=...)")
-            with np.load(self.path) as z:
-                data = {k: z[k] for k in z.files}
+            try:
+                with np.load(self.path) as z:
+                    data = {k: z[k] for k in z.files}
+                data["rounds"]
+            except (OSError, ValueError, TypeError, AttributeError, KeyError, zipfile.BadZipFile) as exc:
+                raise ValueError(f"{self.path} is not a trace (record one with strategy.record_trace=PATH): {type(exc).__name__}") from None
             data["spec"] = json.loads(str(data["spec"]))
             data["index"] = {int(r): i for i, r in enumerate(data["rounds"])}
             if "round_keys" in data:
@@ -229,6 +238,12 @@ class TraceNetwork(NetworkModel):
         up = np.unpackbits(data["up"][i], count=n).astype(bool).reshape(shape)
         down = np.unpackbits(data["down"][i], count=n).astype(bool).reshape(shape[1], shape[0], shape[2])
         return RoundOutcome(up, down, float(data["up_time_s"][i]), float(data["down_time_s"][i]))
+
+    def recorded(self) -> Iterator[tuple[int, RoundOutcome]]:
+        """Every recorded round as (round index, outcome), in the order recorded."""
+        data = self._load()
+        for i, r in enumerate(data["rounds"]):
+            yield int(r), self._entry(data, i)
 
     def store_entries(self) -> Iterator[tuple[str, RoundOutcome]]:
         """Every recorded round as (store key, outcome): what ``pl-lossy store import`` puts into a store.

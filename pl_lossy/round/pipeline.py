@@ -111,7 +111,9 @@ def measure_divergence(session: "FitSession") -> None:
 
 
 def prefetch_next(session: "FitSession", spec: RoundSpec) -> None:
-    """Rank 0 tells a network that simulates elsewhere (ns-3) which round comes next, so it can run ahead."""
+    """Rank 0 tells a network that simulates elsewhere which round comes next (``NetworkModel.prefetch``: a hint
+    a model may use to start simulating it; ns-3 runs ahead inside ``outcome`` instead, ``run_ahead`` rounds past
+    each request, and ignores it)."""
     if session.place.is_global_zero and not session.network.same_on_every_rank:
         session.network.prefetch([session.round_spec(spec.round + 1)])
 

@@ -10,6 +10,7 @@ The round itself is :mod:`pl_lossy.round.pipeline`; the session is what it reads
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,8 @@ from .compute import ComputeModel
 from .exchange import RPSExchange
 from .gradient_exchange import GradientExchange
 from .masks import MaskAgreement
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,14 @@ class FitSession:
         when the compute model is the same: the resumed steps then run as the uninterrupted fit's did (a counted
         step runs its workers one after another), so the resumed fit equals it bit for bit."""
         self.clock = SimClock(**state["clock"])
-        if state.get("exchange"):
+        saved_blocks, blocks = (state.get("exchange") or {}).get("server_blocks"), self.exchange.server_blocks
+        if saved_blocks is not None and blocks is not None and saved_blocks.shape != blocks.shape:
+            # dedicated servers of another layout (another worker or server count): they start from worker 0's model,
+            # restored before this (load_model_state_dict pours the replicas in first)
+            log.warning("lossy_ps: the checkpoint's dedicated-server blocks %s do not fit this layout %s: the servers start "
+                        "from worker 0's restored model", tuple(saved_blocks.shape), tuple(blocks.shape))
+            blocks.copy_(self.exchange.blocks()[0])
+        elif state.get("exchange"):
             self.exchange.load_state_dict(state["exchange"])
         saved = state.get("compute") or {}
         if (self.compute.kind == "flops" and saved.get("model") == "flops" and saved.get("step_flops")
