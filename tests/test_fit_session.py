@@ -9,12 +9,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.flop_counter import FlopCounterMode
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy, TraceNetwork
 from pl_lossy.experiment.data import DigitsDataModule
 from pl_lossy.experiment.models import Classifier, SmallCNN
 from tests.fits import digits_model, fit_in_process, in_process
+from tests.test_compute import _one_worker_step_flops as one_worker_step_flops
 
 
 def cnn_model(seed=0):
@@ -22,14 +22,6 @@ def cnn_model(seed=0):
     dm = DigitsDataModule(batch_size=8, seed=seed)
     model = Classifier(functools.partial(SmallCNN, channels=(4, 8)), dm.input_shape, dm.num_classes, lr=0.05)
     return model, dm
-
-
-def one_worker_step_flops(model, dm):
-    dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    with FlopCounterMode(display=False) as counter:
-        model.training_step((x, y), 0).backward()
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("k,batching", [(1, "auto"), (4, "vmap"), (4, "loop")])
