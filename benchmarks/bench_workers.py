@@ -2,6 +2,7 @@
 
     python benchmarks/bench_workers.py                              # CPU: digits MLP, 16 workers x 32
     python benchmarks/bench_workers.py --model resnet20 --device cuda --precision 32-true bf16-mixed
+    python benchmarks/bench_workers.py --model gpt-tiny --batch 4 --no-loop   # the transformer (gpt-small, gpt2 on a GPU)
 
 For one model on one device, each configuration runs short fits (one process, in-process launcher),
 interleaved and repeated ``--repeats`` times (shared GPUs drift by tens of percent between minutes),
@@ -26,6 +27,7 @@ around each timed step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pytorch_lightning.strategies import DDPStrategy
 
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
+from pl_lossy.experiment.gpt import LanguageModel
 from pl_lossy.experiment.models import MLP, Classifier, ResNet20
 
 
@@ -57,12 +60,41 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def make_model(name: str) -> tuple[Classifier, tuple[int, ...]]:
+GPT_SIZES = {"gpt-tiny": "tiny", "gpt-small": "small", "gpt2": "gpt2"}  # --model: pl_lossy.experiment.gpt's sizes
+
+
+def make_model(name: str) -> tuple[pl.LightningModule, tuple[int, ...]]:
+    """The module and one example's input shape; a GPT's examples are ``context`` bytes."""
+    if name in GPT_SIZES:
+        model = LanguageModel(size=GPT_SIZES[name], warmup_steps=0)
+        model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=1e-4)  # no schedule: steps of equal work
+        return model, (model.context,)
     if name == "mlp":
         shape = (1, 8, 8)
         return Classifier(functools.partial(MLP, hidden=(128,)), shape, 10, lr=0.05), shape
     shape = (3, 32, 32)
     return Classifier(functools.partial(ResNet20), shape, 10, lr=0.05, momentum=0.9), shape
+
+
+def examples(name: str, shape: tuple[int, ...], *batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and targets of ``batch`` examples: images and 10 classes, or bytes and their next bytes."""
+    if name in GPT_SIZES:
+        x = torch.randint(0, 256, (*batch, *shape), device=device)
+        return x, torch.randint(0, 256, (*batch, *shape), device=device)
+    return torch.randn(*batch, *shape, device=device), torch.randint(0, 10, batch, device=device)
+
+
+def parameter_count(name: str) -> int:
+    with torch.device("meta") if name in GPT_SIZES else contextlib.nullcontext():  # GPT-2's shape without its memory
+        return sum(p.numel() for p in make_model(name)[0].parameters())
+
+
+def packets_a_round(name: str, workers: int, packet_bytes: int = 1400) -> int:
+    """Packets every round carries for ``workers`` RPS workers with co-located servers (both phases)."""
+    from pl_lossy.round.rps import PacketLayout
+
+    layout = PacketLayout.for_model(parameter_count(name), workers, packet_bytes)
+    return 2 * workers * (workers - 1) * layout.packets_per_block
 
 
 def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batching: str = "vmap") -> list[float]:
@@ -72,7 +104,7 @@ def step_times(args, precision: str, batch: int, steps: int, k: int = 0, batchin
     model, shape = make_model(args.model)
     rows = batch * max(k, 1)
     n = rows * steps
-    data = TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
+    data = TensorDataset(*examples(args.model, shape, n))
     loader = DataLoader(data, batch_size=batch if k else rows, shuffle=False, drop_last=True)
     timer = StepTimer(args.device == "cuda")
     strategy = DDPStrategy(start_method="popen") if batching == "ddp" else "auto"
@@ -121,7 +153,7 @@ def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str
 
     def loss(p, bufs, x, y):
         with _fp32_batchnorm(base):
-            return F.cross_entropy(functional_call(base, (p, bufs), (x,)), y)
+            return F.cross_entropy(functional_call(base, (p, bufs), (x,), tie_weights=True).flatten(0, -2), y.flatten())
 
     batched = vmap(loss, in_dims=(0, 0, 0, 0), randomness="different")
     pn, bn = list(params), list(buffers)
@@ -131,8 +163,7 @@ def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str
 
     graphed = None
     for step in range(steps):
-        x = torch.randn(k, b, *shape, device=device)
-        y = torch.randint(0, 10, (k, b), device=device)
+        x, y = examples(args.model, shape, k, b, device=device)
         for name in names:
             if name == "vmap graph" and graphed is None:
                 with autocast:
@@ -143,7 +174,7 @@ def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str
             if name == "plain":
                 opt.zero_grad()
                 with autocast:
-                    out = F.cross_entropy(net(x.view(k * b, *shape)), y.view(-1))
+                    out = F.cross_entropy(net(x.view(k * b, *shape)).flatten(0, -2), y.flatten())
                 out.backward()
                 opt.step()
             else:
@@ -161,7 +192,7 @@ def raw_step_times(args, k: int, b: int, steps: int, precision: str) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("mlp", "resnet20"), default="mlp")
+    parser.add_argument("--model", choices=("mlp", "resnet20", *GPT_SIZES), default="mlp")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", nargs="+", default=["32-true"])
     parser.add_argument("--workers", type=int, default=16)
@@ -174,7 +205,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only these configurations (e.g. 'plain k*b' 'lossy vmap')")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN autotunes its algorithms, for every configuration")
     parser.add_argument("--raw", action="store_true", help="also time plain, vmap (and on CUDA graphed vmap) steps without Lightning")
+    parser.add_argument("--packets", action="store_true", help="print the packets a round of every model at 2-32 workers, and stop")
     args = parser.parse_args()
+    if args.packets:
+        counts = (2, 4, 16, 32)
+        print("| model | parameters | " + " | ".join(f"W = {w}" for w in counts) + " |\n|---|---|" + "---|" * len(counts))
+        for name in ("mlp", "resnet20", *GPT_SIZES):
+            print(f"| {name} | {parameter_count(name):,} | " + " | ".join(f"{packets_a_round(name, w):,}" for w in counts) + " |")
+        return
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -215,7 +253,9 @@ def main() -> None:
             if {"plain k*b", fast} <= set(configs):
                 print(f"{fast} samples/s vs plain: " + ", ".join(f"{p} {t['plain k*b'] / t[fast]:.2f}x" for p, t in rows))
         return
-    print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**20 / k:.0f} MiB a worker" if args.device == "cuda" else ""
+    print(f"\n{packets_a_round(args.model, k):,} packets a round for {k} workers (1400-byte packets, co-located servers){peak}")
+    print(f"{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{k} workers x batch {b}, median of {args.repeats} x {args.steps - args.warmup} steps, TF32 off, cudnn.benchmark {args.cudnn_benchmark}, torch {torch.__version__}")
     print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | CUDA-graphed vmap | graphed samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "
           "| plain single | DDP, 1 process | lossy 1 worker | 1 worker / plain |")

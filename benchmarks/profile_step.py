@@ -2,6 +2,7 @@
 lossy_ps (one worker, and k virtual workers), each profiled with torch.profiler over a few steps.
 
     python benchmarks/profile_step.py --device cuda --model resnet20 --batch 128
+    python benchmarks/profile_step.py --model gpt-tiny --batch 32 --workers 16   # k workers of batch / 4 each
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench_workers import StepTimer, make_model
+from bench_workers import GPT_SIZES, StepTimer, examples, make_model
 from pl_lossy import BernoulliNetwork, LossyPSStrategy
 
 
@@ -38,7 +39,7 @@ def run(args, name: str, strategy, k: int = 1) -> None:
     pl.seed_everything(0, verbose=False)
     model, shape = make_model(args.model)
     n = args.batch * k * args.steps
-    data = TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
+    data = TensorDataset(*examples(args.model, shape, n))
     cuda = args.device == "cuda"
     timer, prof = StepTimer(cuda), Profiled(args.steps - args.profiled, cuda)
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy, max_steps=args.steps, logger=False,
@@ -60,7 +61,7 @@ RESULTS: list = []
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", choices=("mlp", "resnet20"), default="resnet20")
+    parser.add_argument("--model", choices=("mlp", "resnet20", *GPT_SIZES), default="resnet20")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=16)

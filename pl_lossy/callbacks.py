@@ -85,7 +85,7 @@ class RunSummary(Callback):
     """Writes ``summary.json`` (rank 0, at the end of fit): final validation metrics, steps, the
     network's delivered fractions and simulated times, wall time, and the config it is given.
 
-    Keys: ``val_acc``, ``val_loss``, ``train_loss`` (the last epoch's mean training loss, when the module
+    Keys: ``val_acc``, ``val_loss``, ``val_bpb`` and ``val_ppl`` (a language model's bits and perplexity per byte), ``train_loss`` (the last epoch's mean training loss, when the module
     logs ``train_loss_epoch``), ``train_eval_loss`` (the whole training set's, when it logs that), ``steps``, ``n_workers``, ``workers_per_device``, ``delivered_up``, ``delivered_down`` (means over rounds),
     ``sim_time_s``, ``comm_time_s``, ``compute_time_s`` (totals), ``compute`` (the compute model and its
     per-round time), ``background`` (when the network had tenants: flows completed, their flow-weighted
@@ -120,12 +120,15 @@ class RunSummary(Callback):
         out: dict[str, Any] = {
             "val_acc": _number(metrics.get("val_acc")),
             "val_loss": _number(metrics.get("val_loss")),
+            "val_bpb": _number(metrics.get("val_bpb")),
             "train_loss": _number(metrics.get("train_loss_epoch")),
             "train_eval_loss": _number(metrics.get("train_eval_loss")),
             "steps": int(trainer.global_step),
             "epochs": int(trainer.current_epoch),
             "world_size": int(trainer.world_size),
         }
+        if out["val_bpb"] is not None and out["val_loss"] is not None:
+            out["val_ppl"] = math.exp(out["val_loss"])  # per byte: the exponential of the mean loss, not a mean of exponentials
         strategy = _lossy_strategy(trainer)
         if strategy is not None:
             clock = strategy.clock

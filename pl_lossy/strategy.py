@@ -315,7 +315,8 @@ class LossyPSStrategy(DDPStrategy):
         rank_zero_info(
             f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {layout.n_servers} "
             f"{'co-located' if self.colocated_servers else 'dedicated'} servers, {layout.numel:,} parameters in blocks of "
-            f"{layout.packets_per_block} packets x {layout.packet_bytes} B, aggregation {self.aggregation}; "
+            f"{layout.packets_per_block} packets x {layout.packet_bytes} B ({2 * int((~spec.local_pairs()).sum()) * layout.packets_per_block:,} "
+            f"packets a round), aggregation {self.aggregation}; "
             f"network {self._session.network.describe()}"
         )
         if self.workers_per_device > 1 and self.root_device.type == "cuda" and self.batching in ("auto", "vmap"):

@@ -96,6 +96,15 @@ def test_a_joblib_sweep_runs_its_jobs_side_by_side_and_reports_each(tmp_path):
     assert "LeafSpec" not in proc.stdout + proc.stderr  # the workers are quiet too
 
 
+def test_a_joblib_sweep_of_spawned_training_fails_before_any_job_in_one_line(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = sweep(tmp_path, "network=bernoulli", "trainer.max_steps=2", "trainer.devices=2", "strategy.start_method=spawn",
+                 "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: sweep job #0") and "use strategy.start_method=fork" in last
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "multi").glob("*/summary.json"))
+
+
 def test_a_submitit_local_sweep_finishes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = sweep(tmp_path, *TINY, "seed=3", "hydra/launcher=submitit_local")

@@ -78,14 +78,20 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
     torch.set_num_threads(int(cfg.torch_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _instantiate(cfg.data, "data")
+    _check_task(cfg, datamodule)
     model = _instantiate(
         cfg.model, "model", input_shape=list(datamodule.input_shape), num_classes=int(datamodule.num_classes)
     )
+    if hasattr(datamodule, "use_context"):  # text: windows of the model's context
+        try:
+            datamodule.use_context(model.context)
+        except ValueError as exc:
+            raise ConfigError(f"invalid `data` config: {exc}") from exc
     strategy = _instantiate(cfg.strategy, "strategy")
     summary = RunSummary(Path(output_dir) / cfg.summary_file, config=OmegaConf.to_container(cfg, resolve=True))
     bar = wants_progress_bar(cfg.trainer.get("enable_progress_bar", True))  # a log file gets epoch lines instead
     trainer = _instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=[summary, ConsoleLines(epoch_lines=not bar)],
-                           enable_progress_bar=bar)
+                           enable_progress_bar=bar, **_validated_at_least_once(cfg.trainer))
     if isinstance(strategy, LossyPSStrategy):
         try:
             strategy.check_world_size(trainer.world_size)
@@ -97,6 +103,29 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
         except ValueError as exc:
             raise ConfigError(f"invalid `network` config: {exc}") from exc
     return trainer, model, datamodule, summary
+
+
+def _check_task(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """A language model needs text and a classifier needs labelled examples: one line, before the model is built."""
+    from hydra.utils import get_class
+
+    try:
+        model_task = getattr(get_class(cfg.model._target_), "task", "classification")
+    except Exception:  # noqa: BLE001 - an unknown target is reported when the model is instantiated
+        return
+    data_task = getattr(datamodule, "task", "classification")
+    if model_task != data_task:
+        wanted = "data=text" if model_task == "language" else "a model that classifies (model=mlp, cnn, cnn1d, resnet20)"
+        raise ConfigError(f"invalid `model` config: the model is for {model_task} and the data for {data_task}: use {wanted}")
+
+
+def _validated_at_least_once(trainer: DictConfig) -> dict[str, Any]:
+    """A run shorter than its validation interval (``trainer.max_steps=100`` with ``val_check_interval: 250``)
+    validates once, at its last step, so that its summary has a validation metric rather than none."""
+    every, steps = trainer.get("val_check_interval"), trainer.get("max_steps", -1)
+    if isinstance(every, int) and not isinstance(every, bool) and isinstance(steps, int) and 0 < steps < every:
+        return {"val_check_interval": steps}
+    return {}
 
 
 def _own_master_port(trainer: pl.Trainer) -> None:
@@ -153,7 +182,8 @@ class CheckSweep(Callback):
                         with open_dict(job_cfg):
                             del job_cfg["hydra"]
                         OmegaConf.resolve(job_cfg)
-                        build(job_cfg, scratch)
+                        trainer = build(job_cfg, scratch)[0]
+                        _check_launcher(config.hydra.launcher, job_cfg, trainer.world_size)
                     except (ConfigError, OmegaConfBaseException) as exc:
                         message = str(exc).strip().splitlines()[0]
                         print(f"error: sweep job #{index} ({' '.join(job)}): {message}; no job was started", file=sys.stderr)
@@ -161,6 +191,16 @@ class CheckSweep(Callback):
         finally:
             lightning.setLevel(level)
             HydraConfig.instance().cfg = hydra_cfg
+
+
+def _check_launcher(launcher: DictConfig, cfg: DictConfig, world_size: int) -> None:
+    """Joblib runs jobs in loky's worker processes, whose multiprocessing context a spawned training process
+    cannot recreate ("cannot find context for 'loky'"): such a job would fail after the sweep started."""
+    spawn = str(cfg.strategy.get("start_method", "")) == "spawn" or str(cfg.strategy.get("_target_", "")).endswith("_spawn")
+    if "joblib" in str(launcher.get("_target_", "")) and spawn and world_size > 1:
+        raise ConfigError("hydra/launcher=joblib cannot start spawned training processes (strategy.start_method=spawn with "
+                          f"{world_size} processes): use strategy.start_method=fork on CPUs, or hydra/launcher=submitit_local "
+                          "or the basic launcher (GPUs)")
 
 
 def check_group_choices(argv: list[str], conf_dir: str | Path) -> None:
@@ -225,7 +265,7 @@ def main(cfg: DictConfig) -> None:
         log.error(f"error: training failed: {last}")
         sys.exit(1)
     if result is not None:
-        keys = ("val_acc", "steps", "delivered_up", "delivered_down", "sim_time_s", "comm_time_s", "wall_time_s")
+        keys = ("val_bpb" if result.get("val_bpb") is not None else "val_acc", "steps", "delivered_up", "delivered_down", "sim_time_s", "comm_time_s", "wall_time_s")
         line = ", ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys)
         log.info(f"summary: {line}" + (f"; {drops_line(result.get('drops'))}" if result.get("drops") else ""))
         log.info(f"written: {Path(output_dir) / cfg.summary_file}")

@@ -27,6 +27,8 @@ from .runs import RunResult
 # the results, in table order: (column, what it is)
 RESULTS = (
     ("val_acc", "final validation accuracy"),
+    ("val_bpb", "final validation bits per byte (a language model)"),
+    ("val_ppl", "final validation perplexity per byte"),
     ("val_loss", "final validation loss"),
     ("train_loss", "the last epoch's mean training loss (else the last logged one)"),
     ("train_eval_loss", "the whole training set's loss at the last validation (data.eval_train=true)"),
@@ -93,7 +95,7 @@ def run_row(result: RunResult, settings: Sequence[str], target: Optional[float] 
     s = result.summary
     losses = result.column("train_loss")
     row.update(
-        {k: s.get(k) for k in ("val_acc", "val_loss", "steps", "n_workers", "delivered_up", "delivered_down", "sim_time_s",
+        {k: s.get(k) for k in ("val_acc", "val_bpb", "val_ppl", "val_loss", "steps", "n_workers", "delivered_up", "delivered_down", "sim_time_s",
                                 "comm_time_s", "wall_time_s")}
     )
     row["train_eval_loss"] = s.get("train_eval_loss")
@@ -195,19 +197,20 @@ def save_figure(fig: Any, path: Path, title: str = "") -> Path:
 
 
 def plot(results: Sequence[RunResult], labels: Sequence[str], path: Path, target: Optional[float] = None, title: str = "") -> Path:
-    """One figure: validation accuracy against simulated time and against steps, training loss against
+    """One figure: validation accuracy (bits per byte for language models) against simulated time and against steps, training loss against
     steps, each run's delivered fractions, and background completion times when any run had tenants."""
     plt = pyplot()
     background = any((r.summary.get("background") or {}).get("flows") for r in results)
     fig, axes = plt.subplots(1, 5 if background else 4, figsize=(21 if background else 17, 3.8))
     acc_time, acc_step, loss_step, delivered = axes[:4]
     longest = max((t for r in results for t, _ in r.accuracy_curve()), default=1.0)
+    metric = "validation bits per byte" if results[0].metric == "val_bpb" else "validation accuracy"
     scale, unit = (1e3, "ms") if longest < 1 else (1.0, "s")
     for r, name in zip(results, labels):
         curve = r.accuracy_curve()
         if curve:
             acc_time.plot([t * scale for t, _ in curve], [a for _, a in curve], marker="o", markersize=3, label=name)
-        steps = r.column("val_acc")
+        steps = r.column(r.metric)
         if steps:
             acc_step.plot(*zip(*steps), marker="o", markersize=3, label=name)
         losses = r.column("train_loss")
@@ -216,8 +219,9 @@ def plot(results: Sequence[RunResult], labels: Sequence[str], path: Path, target
     if target is not None:
         for ax in (acc_time, acc_step):
             ax.axhline(target, color="gray", linestyle="--", linewidth=1)
-    acc_time.set(xlabel=f"simulated time ({unit})", ylabel="validation accuracy", title="accuracy vs simulated time")
-    acc_step.set(xlabel="step", ylabel="validation accuracy", title="accuracy vs steps")
+    short = metric.removeprefix("validation ")
+    acc_time.set(xlabel=f"simulated time ({unit})", ylabel=metric, title=f"{short} vs simulated time")
+    acc_step.set(xlabel="step", ylabel=metric, title=f"{short} vs steps")
     loss_step.set(xlabel="step", ylabel="training loss", title="training loss")
     x = range(len(results))
     if len(results) == 1:  # one run: its rounds
@@ -260,6 +264,13 @@ def compare(paths: Sequence[str | Path], out: Optional[Path] = None, target: Opt
             over: Sequence[str] = ()) -> tuple[str, Path]:
     """The table (markdown) of the runs at ``paths``, and the folder its files were written to."""
     results = [RunResult.load(p) for p in find_runs(paths)]
+    metrics = {r.metric for r in results}
+    if len(metrics) > 1:
+        raise ValueError("these runs have different validation metrics (val_acc and val_bpb): compare classifiers and language models apart")
+    if target is not None and results[0].metric == "val_acc" and not 0 < target <= 1:
+        raise ValueError(f"--target must be an accuracy in (0, 1], got {target}")
+    if target is not None and target <= 0:
+        raise ValueError(f"--target must be bits per byte > 0 for these language-model runs, got {target}")
     settings = varying_settings(results)
     unknown = [k for k in over if k not in settings and not any(k in r.settings for r in results)]
     if unknown:
@@ -286,12 +297,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 epilog=f"result columns (where some run has a value):\n{columns}")
     p.add_argument("paths", nargs="+", help="run folders, or folders holding runs (a -m sweep's multirun/<date>/<time>)")
     p.add_argument("--out", type=Path, help="where compare.md, compare.csv and compare.png go (default: the sweep's folder, or ./compare)")
-    p.add_argument("--target", type=float, help="also report the simulated time at which validation accuracy first reached this")
+    p.add_argument("--target", type=float, help="also report the simulated time at which validation accuracy first reached "
+                   "this (language models: validation bits per byte first fell to this)")
     p.add_argument("--over", action="append", default=[], metavar="KEY",
                    help="merge runs that differ only in this setting (e.g. seed): mean +- std; repeatable")
     args = p.parse_args(argv)
-    if args.target is not None and not 0 < args.target <= 1:
-        p.error(f"--target must be an accuracy in (0, 1], got {args.target}")
     try:
         table, out = compare(args.paths, args.out, args.target, args.over)
     except (FileNotFoundError, ValueError) as exc:

@@ -1,9 +1,12 @@
 """Data modules for the examples: all work offline (digits and synthetic ship with scikit-learn;
-MNIST-1D is generated on the machine; CIFAR-10 is read from a directory the user provides)."""
+MNIST-1D is generated on the machine; CIFAR-10 is read from a directory the user provides; text is the
+running Python's standard library, or the user's files)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +14,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..cache import cache_dir
 
 
 class _ArrayDataModule(pl.LightningDataModule):
@@ -220,3 +225,157 @@ class Cifar10DataModule(_ArrayDataModule):
         train = _tensors(xt, yt)
         self.train_set = _AugmentedImages(*train.tensors) if self.augment else train
         self.val_set = _tensors(xv, yv)
+
+
+class _Windows(Dataset):
+    """Non-overlapping windows of a byte array: window w is ``(bytes[w c : w c + c], bytes[w c + 1 : w c + c + 1])``
+    as int64 tensors, the input and its next-byte targets (``c`` the context).
+
+    With ``per_epoch``, an epoch is that many windows, successive epochs taking successive ones (wrapping
+    around the array): item i of epoch e is window ``(e * per_epoch + i) mod windows``, the epoch read from
+    ``epoch()`` (the trainer's) when the item is fetched, so that a run reads the whole split before any window
+    twice, in epochs short enough to validate and report."""
+
+    def __init__(self, data: np.ndarray, context: int, per_epoch: int | None = None, epoch=lambda: 0) -> None:
+        self.data, self.context = torch.from_numpy(data), context
+        self.windows = (len(self.data) - 1) // context
+        self.per_epoch, self.epoch = per_epoch, epoch
+
+    def __len__(self) -> int:
+        return self.per_epoch or self.windows
+
+    def __getitem__(self, i: int):
+        w = (self.epoch() * self.per_epoch + i) % self.windows if self.per_epoch else i
+        chunk = self.data[w * self.context : (w + 1) * self.context + 1].long()
+        return chunk[:-1], chunk[1:]
+
+
+def stdlib_corpus() -> list[Path]:
+    """The default corpus: the running Python's top-level standard-library modules (``Lib/*.py``), by name."""
+    import sysconfig
+
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    raise ValueError(f"data.path: {path} does not exist")
+
+
+def _read_text(files: Sequence[Path], where: str) -> list[bytes]:
+    texts = []
+    for f in files:
+        raw = f.read_bytes()
+        if b"\0" in raw:
+            raise ValueError(f"{where}: {f} is binary (it has NUL bytes); give text files")
+        texts.append(raw)
+    if not sum(map(len, texts)):
+        raise ValueError(f"{where}: {files[0] if len(files) == 1 else files[0].parent} is empty; give text")
+    return texts
+
+
+def split_corpus(texts: Sequence[bytes], val_every: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation byte arrays: with several files, every ``val_every``-th file (the last of each
+    ``val_every``, at least one) validates, so that no file is in both; one file: its last ``1 / val_every``."""
+    if len(texts) == 1:
+        raw = np.frombuffer(texts[0], np.uint8)
+        cut = len(raw) - max(1, len(raw) // val_every)
+        return raw[:cut].copy(), raw[cut:].copy()
+    val = {i for i in range(len(texts)) if i % val_every == val_every - 1} or {len(texts) - 1}
+    join = lambda keep: np.frombuffer(b"".join(t for i, t in enumerate(texts) if keep(i)), np.uint8).copy()  # noqa: E731
+    return join(lambda i: i not in val), join(lambda i: i in val)
+
+
+class ByteTextDataModule(pl.LightningDataModule):
+    """Byte-level language modelling (vocabulary: the 256 byte values, no tokenizer) on real text.
+
+    The default corpus is the running Python's standard library, its top-level modules (``Lib/*.py``, 168
+    files and 4.7 MB on CPython 3.11), split by file: every tenth file by name validates. It is read once and
+    cached as two uint8 arrays under ``$PL_LOSSY_CACHE/text`` (default ``~/.cache/pl-lossy``), keyed by the
+    files' names and sizes and the Python version, so the same Python gives the same corpus on every machine.
+    ``path``: a text file (its last tenth validates) or a folder of them (split by file) instead.
+
+    Items are non-overlapping windows of ``context`` bytes (the model's: the app passes it with
+    :meth:`use_context`) and their next bytes. An epoch is ``epoch_windows`` windows of the training split
+    (all workers together), the next epoch the next ones, so that epochs are short enough to validate and
+    report (3,200 windows: 100 steps of 2 workers x 16) and a run reads the whole split before it repeats;
+    None: an epoch is the whole split. ``val_bytes`` bounds the validation split used (its first bytes), so
+    that a validation stays seconds on a CPU; None uses all of it.
+    """
+
+    task = "language"
+    num_classes = 256
+
+    def __init__(self, path: str | None = None, context: int | None = None, batch_size: int = 16,
+                 epoch_windows: int | None = 3200, val_bytes: int | None = 65536, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if epoch_windows is not None and epoch_windows < 1:
+            raise ValueError(f"epoch_windows must be >= 1 (or null: an epoch is the whole split), got {epoch_windows}")
+        self.epoch_windows = epoch_windows
+        if val_bytes is not None and val_bytes < 2:
+            raise ValueError(f"val_bytes must be >= 2 (or null: the whole validation split), got {val_bytes}")
+        self.path = Path(path).expanduser() if path else None
+        self.batch_size, self.val_bytes, self.num_workers = batch_size, val_bytes, num_workers
+        self.train_bytes, self.validation_bytes = self._load()
+        self.context: int | None = None
+        if context is not None:
+            self.use_context(context)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.context or 0,)
+
+    def describe(self) -> str:
+        source = str(self.path) if self.path else f"the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
+        return f"{source}: {len(self.train_bytes):,} training / {len(self.validation_bytes):,} validation bytes"
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.path is not None:
+            return split_corpus(_read_text(_text_files(self.path), "data.path"))
+        import hashlib
+
+        files = stdlib_corpus()
+        key = hashlib.sha256(repr((sys.version, [(f.name, f.stat().st_size) for f in files])).encode()).hexdigest()[:16]
+        cached = cache_dir() / "text" / f"stdlib-{key}.npz"
+        try:
+            with np.load(cached) as arrays:
+                return arrays["train"], arrays["val"]
+        except (OSError, KeyError, ValueError):
+            pass
+        train, val = split_corpus(_read_text(files, "the standard-library corpus"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(partial, train=train, val=val)
+        os.replace(partial, cached)  # parallel jobs each write whole files; the last rename wins, all equal
+        return train, val
+
+    def use_context(self, context: int) -> None:
+        """Cut windows of ``context`` bytes; a context the corpus cannot fill is one ValueError."""
+        for name, data in (("training", self.train_bytes), ("validation", self._validation())):
+            if len(data) < int(context) + 1:
+                raise ValueError(f"context {context} is longer than the {name} split ({len(data):,} bytes): "
+                                 f"lower model.context or give more text (data.path)")
+        self.context = int(context)
+
+    def _validation(self) -> np.ndarray:
+        return self.validation_bytes[: self.val_bytes] if self.val_bytes else self.validation_bytes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.context is None:
+            raise RuntimeError("ByteTextDataModule needs the model's context: pass context= or call use_context()")
+        self.train_set = _Windows(self.train_bytes, self.context, self.epoch_windows, self._epoch)
+        self.val_set = _Windows(self._validation(), self.context)
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=64, shuffle=False, num_workers=self.num_workers)

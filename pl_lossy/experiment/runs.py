@@ -172,18 +172,28 @@ class RunResult:
         """(step, value) for every row that logged ``name``."""
         return [(int(r["step"]), float(r[name])) for r in self.rows if r.get(name)]
 
+    @property
+    def metric(self) -> str:
+        """The run's validation metric: ``val_bpb`` for a language model (lower is better), else ``val_acc``."""
+        return "val_bpb" if self.summary.get("val_bpb") is not None or self.column("val_bpb") else "val_acc"
+
+    def reached(self, value: float, target: float) -> bool:
+        """Whether a value of :attr:`metric` is at ``target`` or better."""
+        return value <= target if self.metric == "val_bpb" else value >= target
+
     def accuracy_curve(self) -> list[tuple[float, float]]:
-        """(simulated time at the validation, val_acc) for every validation of the run."""
+        """(simulated time at the validation, the validation metric: :attr:`metric`) for every validation of the run."""
         sim_at_step = dict(self.column("net/sim_time_s"))
         curve = []
-        for step, acc in self.column("val_acc"):
+        for step, value in self.column(self.metric):
             earlier = [s for s in sim_at_step if s <= step]
-            curve.append((sim_at_step[max(earlier)] if earlier else 0.0, acc))
+            curve.append((sim_at_step[max(earlier)] if earlier else 0.0, value))
         return curve
 
     def time_to(self, target: float) -> Optional[float]:
-        """Simulated time at which validation accuracy first reached ``target`` (None: never)."""
-        return next((t for t, acc in self.accuracy_curve() if acc >= target), None)
+        """Simulated time at which the validation metric first reached ``target`` (accuracy at or above it,
+        bits per byte at or below it; None: never)."""
+        return next((t for t, value in self.accuracy_curve() if self.reached(value, target)), None)
 
     @property
     def learning_drop(self) -> float:

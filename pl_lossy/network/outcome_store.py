@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..cache import cache_dir
 from .base import RoundOutcome
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ def default_path() -> Optional[Path]:
     env = os.environ.get("PL_LOSSY_STORE")
     if env is not None:
         return None if env.strip().lower() in ("off", "none", "") else Path(env).expanduser()
-    cache = Path(os.environ.get("PL_LOSSY_CACHE") or Path.home() / ".cache" / "pl-lossy").expanduser()
-    return cache / "outcomes.sqlite"
+    return cache_dir() / "outcomes.sqlite"
 
 
 def resolve_path(store: Union[str, os.PathLike, bool, None]) -> Optional[Path]:

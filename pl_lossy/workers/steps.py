@@ -124,7 +124,7 @@ class WorkerSteps:
         outputs = []
         for j in range(self.replicas.k):
             shard = tree_unflatten([x[j] if isinstance(x, Tensor) else x for x in leaves], spec)
-            with _reparametrize_module(module, self.replicas.worker_tensors(j)):
+            with _reparametrize_module(module, self.replicas.worker_tensors(j), tie_weights=True):
                 outputs.append(fn(shard, *args, **kwargs))
         return outputs
 
@@ -135,7 +135,7 @@ class WorkerSteps:
         returned_none = []
 
         def one_worker(tensors: dict[str, Tensor], shard: Any):
-            with _reparametrize_module(module, tensors), _fp32_batchnorm(module):
+            with _reparametrize_module(module, tensors, tie_weights=True), _fp32_batchnorm(module):
                 out = fn(shard, *args, **kwargs)
             caught = {name: values[0] for name, (values, _) in logs.items() if isinstance(values[0], Tensor)}
             if out is None:  # vmap returns tensors only
