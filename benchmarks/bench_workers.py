@@ -239,12 +239,16 @@ def main() -> None:
                     raw.setdefault(name, []).extend(ts)
             med = {name: statistics.median(ts) for name, ts in raw.items()}
             print(f"raw {precision} (no Lightning): " + ", ".join(f"{name} {t * 1e3:.2f} ms ({med['plain'] / t:.2f}x)" for name, t in med.items()))
-    rows = []
+    rows, peak = [], 0
     for precision in args.precision:
         times: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.repeats):
             for name, (batch, workers, batching) in configs.items():
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 times[name] += step_times(args, precision, batch, args.steps, workers, batching or "vmap")
+                if args.device == "cuda" and name == "lossy vmap":
+                    peak = max(peak, torch.cuda.max_memory_allocated())
         rows.append((precision, {name: statistics.median(ts) for name, ts in times.items()}))
     if args.only:
         for precision, t in rows:
@@ -253,8 +257,8 @@ def main() -> None:
             if {"plain k*b", fast} <= set(configs):
                 print(f"{fast} samples/s vs plain: " + ", ".join(f"{p} {t['plain k*b'] / t[fast]:.2f}x" for p, t in rows))
         return
-    peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**20 / k:.0f} MiB a worker" if args.device == "cuda" else ""
-    print(f"\n{packets_a_round(args.model, k):,} packets a round for {k} workers (1400-byte packets, co-located servers){peak}")
+    memory = f", vmapped workers' peak memory {peak / 2**20 / k:.0f} MiB a worker" if peak else ""
+    print(f"\n{packets_a_round(args.model, k):,} packets a round for {k} workers (1400-byte packets, co-located servers){memory}")
     print(f"{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{k} workers x batch {b}, median of {args.repeats} x {args.steps - args.warmup} steps, TF32 off, cudnn.benchmark {args.cudnn_benchmark}, torch {torch.__version__}")
     print("| precision | plain k*b | vmap k x b | vmap samples/s vs plain | CUDA-graphed vmap | graphed samples/s vs plain | plain b | loop k x b | loop / (k x plain b) "

@@ -9,7 +9,8 @@ workers in one process, AdamW, warm-up and cosine decay, gradients clipped per w
 sweep over the aggregation rules (rps: models averaged over the copies that arrived, the paper; gradient:
 gradients, likewise; zero_fill: lost gradient packets count as zeros, MLT; hadamard: zero_fill in a
 randomized Hadamard basis, OptiReduce) x the drop probability p x seeds. Runs with the same seed share the
-data order, the initialization and, at the same p, the network's drop sequence: they are paired. Then
+data order and the initialization and, at the same p, the network's drop sequence (but hadamard's, whose
+blocks are padded to powers of two: its packets are other packets): they are paired. Then
 ``pl-lossy compare --over seed`` tabulates the runs, and ``gpt_loss.png`` plots validation bits per byte
 against steps per rule at each p, and the final bits per byte against p. The table of the cost of loss
 (final bits per byte minus the same rule's at p = 0, mean over seeds) is printed and written to
@@ -42,6 +43,7 @@ NETWORKS = {
             "network.background_hosts=4"],
 }
 SHORT = {"strategy.aggregation": "rule", "network.loss_rate": "p"}
+VALIDATE_EVERY = 50  # experiment=gpt_loss's trainer.val_check_interval (a shorter run validates at its last step)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -61,6 +63,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                                            (("steps", args.steps), ("batch", args.batch), ("jobs", args.jobs)) if v < 1]
     if bad:
         p.error(f"{bad[0]} is out of range (drop probabilities in [0, 1), steps, batch and jobs >= 1)")
+    if args.steps > VALIDATE_EVERY and args.steps % VALIDATE_EVERY:
+        p.error(f"--steps {args.steps}: use a multiple of {VALIDATE_EVERY} (runs validate every {VALIDATE_EVERY} steps, and the "
+                "final bits per byte must be the last step's)")
     return args
 
 
@@ -74,8 +79,8 @@ def by_rule(runs: Path) -> dict[tuple[str, float], list[RunResult]]:
 
 
 def final(results: list[RunResult]) -> tuple[float, float]:
-    """Mean and standard error over seeds of the final validation bits per byte."""
-    values = [r.summary["val_bpb"] for r in results]
+    """Mean and standard error over seeds of the final validation bits per byte (NaN if a run diverged)."""
+    values = [r.summary["val_bpb"] if r.summary.get("val_bpb") is not None else math.nan for r in results]
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 

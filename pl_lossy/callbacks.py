@@ -128,7 +128,8 @@ class RunSummary(Callback):
             "world_size": int(trainer.world_size),
         }
         if out["val_bpb"] is not None and out["val_loss"] is not None:
-            out["val_ppl"] = math.exp(out["val_loss"])  # per byte: the exponential of the mean loss, not a mean of exponentials
+            # per byte: the exponential of the mean loss, not a mean of exponentials; a diverged run has none
+            out["val_ppl"] = math.exp(out["val_loss"]) if out["val_loss"] < 700 else None
         strategy = _lossy_strategy(trainer)
         if strategy is not None:
             clock = strategy.clock

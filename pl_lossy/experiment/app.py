@@ -92,6 +92,14 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
     bar = wants_progress_bar(cfg.trainer.get("enable_progress_bar", True))  # a log file gets epoch lines instead
     trainer = _instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=[summary, ConsoleLines(epoch_lines=not bar)],
                            enable_progress_bar=bar, **_validated_at_least_once(cfg.trainer))
+    if hasattr(datamodule, "check_workers"):  # text: an epoch must hold a batch for every worker
+        try:
+            datamodule.check_workers(trainer.world_size * getattr(strategy, "workers_per_device", 1))
+        except ValueError as exc:
+            raise ConfigError(f"invalid `data` config: {exc}") from exc
+    if getattr(model, "task", None) == "language" and trainer.max_steps in (-1, None) and trainer.max_epochs == -1:
+        raise ConfigError("invalid `trainer` config: max_epochs=-1 and max_steps=-1 never end, and the learning-rate schedule "
+                          "needs the run's length: set trainer.max_steps or trainer.max_epochs")
     if isinstance(strategy, LossyPSStrategy):
         try:
             strategy.check_world_size(trainer.world_size)
@@ -115,7 +123,7 @@ def _check_task(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
         return
     data_task = getattr(datamodule, "task", "classification")
     if model_task != data_task:
-        wanted = "data=text" if model_task == "language" else "a model that classifies (model=mlp, cnn, cnn1d, resnet20)"
+        wanted = "data=text" if model_task == "language" else "model=gpt (or a dataset of labelled examples: digits, mnist1d, ...)"
         raise ConfigError(f"invalid `model` config: the model is for {model_task} and the data for {data_task}: use {wanted}")
 
 
@@ -143,6 +151,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     """Fit and return the summary (None in processes other than the launching one)."""
     OmegaConf.resolve(cfg)  # ${hydra:...} and ${seed} must not be resolved again in worker processes
     trainer, model, datamodule, summary = build(cfg, output_dir)
+    if hasattr(datamodule, "describe"):  # which bytes a language model reads: comparable across machines
+        log.info(f"data: {datamodule.describe()}")
     _own_master_port(trainer)
     trainer.fit(model, datamodule)
     if not trainer.is_global_zero:

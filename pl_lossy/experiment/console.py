@@ -26,7 +26,7 @@ QUIET_WARNINGS = (
     # short runs: the net/* rows are written every round whatever log_every_n_steps says
     (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning),
     # virtual workers of a transformer: vmap runs attention's kernel once per worker (the rest of the step is
-    # batched); measured and explained in docs/virtual_workers.md, nothing to act on
+    # batched); measured and explained in docs/transformers.md, nothing to act on
     (r"There is a performance drop because we have not yet implemented the batching rule for aten::_scaled_dot_product", UserWarning),
 )
 TIP_PREFIX = "💡 Tip:"  # Lightning's adverts for litlogger / litmodels

@@ -4,11 +4,12 @@ running Python's standard library, or the user's files)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -16,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..cache import cache_dir
+
+log = logging.getLogger(__name__)
 
 
 class _ArrayDataModule(pl.LightningDataModule):
@@ -231,41 +234,50 @@ class _Windows(Dataset):
     """Non-overlapping windows of a byte array: window w is ``(bytes[w c : w c + c], bytes[w c + 1 : w c + c + 1])``
     as int64 tensors, the input and its next-byte targets (``c`` the context).
 
-    With ``per_epoch``, an epoch is that many windows, successive epochs taking successive ones (wrapping
-    around the array): item i of epoch e is window ``(e * per_epoch + i) mod windows``, the epoch read from
-    ``epoch()`` (the trainer's) when the item is fetched, so that a run reads the whole split before any window
-    twice, in epochs short enough to validate and report."""
+    With ``per_epoch``, an epoch is that many windows (at most all of them), successive epochs taking successive
+    ones (wrapping around the array): item i of epoch e is window ``(e * per_epoch + i) mod windows``, the epoch
+    read from ``epoch()`` (the trainer's) when the item is fetched, so that a run reads the whole split before
+    any window twice, in epochs short enough to validate and report."""
 
-    def __init__(self, data: np.ndarray, context: int, per_epoch: int | None = None, epoch=lambda: 0) -> None:
+    def __init__(self, data: np.ndarray, context: int, per_epoch: int | None = None, epoch: Callable[[], int] | None = None) -> None:
         self.data, self.context = torch.from_numpy(data), context
         self.windows = (len(self.data) - 1) // context
-        self.per_epoch, self.epoch = per_epoch, epoch
+        self.per_epoch = min(per_epoch, self.windows) if per_epoch else None
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.per_epoch or self.windows
 
     def __getitem__(self, i: int):
-        w = (self.epoch() * self.per_epoch + i) % self.windows if self.per_epoch else i
+        w = ((self.epoch() if self.epoch else 0) * self.per_epoch + i) % self.windows if self.per_epoch else i
         chunk = self.data[w * self.context : (w + 1) * self.context + 1].long()
         return chunk[:-1], chunk[1:]
 
 
+CORPUS_VERSION = 1  # of how the standard-library corpus is chosen and split: part of its cache key
+
+
 def stdlib_corpus() -> list[Path]:
-    """The default corpus: the running Python's top-level standard-library modules (``Lib/*.py``), by name."""
+    """The default corpus: the running Python's top-level standard-library modules (``Lib/*.py``), by name, but
+    ``_sysconfigdata_*`` (the build's own settings, different on every build)."""
     import sysconfig
 
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    return sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if not p.name.startswith("_sysconfigdata"))
 
 
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    raise ValueError(f"data.path: {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"data.path: {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ValueError(f"data.path: {path} has no files (hidden ones are skipped); give text files")
+    return files
 
 
-def _read_text(files: Sequence[Path], where: str) -> list[bytes]:
+def _read_text(files: Sequence[Path], where: str, named: Path | str) -> list[bytes]:
+    """The files' bytes; ValueError naming ``where`` if one is binary or all are empty (``named``: what was given)."""
     texts = []
     for f in files:
         raw = f.read_bytes()
@@ -273,7 +285,7 @@ def _read_text(files: Sequence[Path], where: str) -> list[bytes]:
             raise ValueError(f"{where}: {f} is binary (it has NUL bytes); give text files")
         texts.append(raw)
     if not sum(map(len, texts)):
-        raise ValueError(f"{where}: {files[0] if len(files) == 1 else files[0].parent} is empty; give text")
+        raise ValueError(f"{where}: {named} is empty; give text")
     return texts
 
 
@@ -289,39 +301,72 @@ def split_corpus(texts: Sequence[bytes], val_every: int = 10) -> tuple[np.ndarra
     return join(lambda i: i not in val), join(lambda i: i in val)
 
 
+def _cached_corpus(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The standard-library corpus, split, from the cache if a whole copy is there, else read and (if the cache
+    can be written) saved there; parallel jobs each write a temporary file and rename it into place."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(repr((CORPUS_VERSION, sys.version, [(f.name, f.stat().st_size) for f in files])).encode()).hexdigest()[:16]
+    cached = cache_dir() / "text" / f"stdlib-{key}.npz"
+    try:
+        with np.load(cached) as arrays:
+            return arrays["train"], arrays["val"]
+    except Exception:  # noqa: BLE001 - absent, or damaged (empty, truncated, foreign): read the sources again
+        pass
+    train, val = split_corpus(_read_text(files, "the standard-library corpus", "Lib/*.py"))
+    partial = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=cached.parent, prefix=cached.stem + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train=train, val=val)
+        os.replace(partial, cached)
+    except OSError as exc:  # a read-only or full cache costs a re-read next time, not the run
+        log.warning("text corpus not cached in %s (%s)", cached.parent, exc)
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
+    return train, val
+
+
 class ByteTextDataModule(pl.LightningDataModule):
     """Byte-level language modelling (vocabulary: the 256 byte values, no tokenizer) on real text.
 
-    The default corpus is the running Python's standard library, its top-level modules (``Lib/*.py``, 168
-    files and 4.7 MB on CPython 3.11), split by file: every tenth file by name validates. It is read once and
-    cached as two uint8 arrays under ``$PL_LOSSY_CACHE/text`` (default ``~/.cache/pl-lossy``), keyed by the
-    files' names and sizes and the Python version, so the same Python gives the same corpus on every machine.
-    ``path``: a text file (its last tenth validates) or a folder of them (split by file) instead.
+    The default corpus is the running Python's standard library, its top-level modules (``Lib/*.py`` but the
+    build's ``_sysconfigdata_*``: 167 files and 4.7 MB on CPython 3.11), split by file: every tenth file by
+    name validates. It is read once and cached as two uint8 arrays under ``$PL_LOSSY_CACHE/text`` (default
+    ``~/.cache/pl-lossy``), keyed by the files' names and sizes and the Python version; :meth:`describe` gives
+    the corpus's digest, so that runs on two machines can tell whether they read the same bytes (a
+    distribution that adds or patches modules changes it). ``path``: a text file (its last tenth validates)
+    or a folder of them (split by file) instead.
 
     Items are non-overlapping windows of ``context`` bytes (the model's: the app passes it with
     :meth:`use_context`) and their next bytes. An epoch is ``epoch_windows`` windows of the training split
-    (all workers together), the next epoch the next ones, so that epochs are short enough to validate and
-    report (3,200 windows: 100 steps of 2 workers x 16) and a run reads the whole split before it repeats;
-    None: an epoch is the whole split. ``val_bytes`` bounds the validation split used (its first bytes), so
-    that a validation stays seconds on a CPU; None uses all of it.
+    (all workers together; at most the whole split), the next epoch the next ones, so that epochs are short
+    enough to validate and report (3,200 windows: 100 steps of 2 workers x 16) and a run reads the whole
+    split before it repeats; None: an epoch is the whole split. ``val_bytes`` bounds the validation split used
+    (its first bytes), so that a validation stays seconds on a CPU; None uses all of it. The windows are cut
+    from memory in the training process (no loader workers: there is nothing to overlap).
     """
 
     task = "language"
     num_classes = 256
 
     def __init__(self, path: str | None = None, context: int | None = None, batch_size: int = 16,
-                 epoch_windows: int | None = 3200, val_bytes: int | None = 65536, num_workers: int = 0) -> None:
+                 epoch_windows: int | None = 3200, val_bytes: int | None = 65536) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if epoch_windows is not None and epoch_windows < 1:
             raise ValueError(f"epoch_windows must be >= 1 (or null: an epoch is the whole split), got {epoch_windows}")
-        self.epoch_windows = epoch_windows
         if val_bytes is not None and val_bytes < 2:
             raise ValueError(f"val_bytes must be >= 2 (or null: the whole validation split), got {val_bytes}")
         self.path = Path(path).expanduser() if path else None
-        self.batch_size, self.val_bytes, self.num_workers = batch_size, val_bytes, num_workers
-        self.train_bytes, self.validation_bytes = self._load()
+        self.batch_size, self.epoch_windows, self.val_bytes = batch_size, epoch_windows, val_bytes
+        if self.path is not None:
+            self.train_bytes, self.validation_bytes = split_corpus(_read_text(_text_files(self.path), "data.path", self.path))
+        else:
+            self.train_bytes, self.validation_bytes = _cached_corpus(stdlib_corpus())
         self.context: int | None = None
         if context is not None:
             self.use_context(context)
@@ -331,36 +376,32 @@ class ByteTextDataModule(pl.LightningDataModule):
         return (self.context or 0,)
 
     def describe(self) -> str:
-        source = str(self.path) if self.path else f"the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
-        return f"{source}: {len(self.train_bytes):,} training / {len(self.validation_bytes):,} validation bytes"
-
-    def _load(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.path is not None:
-            return split_corpus(_read_text(_text_files(self.path), "data.path"))
         import hashlib
 
-        files = stdlib_corpus()
-        key = hashlib.sha256(repr((sys.version, [(f.name, f.stat().st_size) for f in files])).encode()).hexdigest()[:16]
-        cached = cache_dir() / "text" / f"stdlib-{key}.npz"
-        try:
-            with np.load(cached) as arrays:
-                return arrays["train"], arrays["val"]
-        except (OSError, KeyError, ValueError):
-            pass
-        train, val = split_corpus(_read_text(files, "the standard-library corpus"))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(partial, train=train, val=val)
-        os.replace(partial, cached)  # parallel jobs each write whole files; the last rename wins, all equal
-        return train, val
+        source = str(self.path) if self.path else f"the Python {sys.version.split()[0]} standard library (Lib/*.py)"
+        digest = hashlib.sha256(self.train_bytes.tobytes() + self.validation_bytes.tobytes()).hexdigest()[:12]
+        return f"{source}: {len(self.train_bytes):,} training / {len(self.validation_bytes):,} validation bytes, sha256 {digest}"
 
     def use_context(self, context: int) -> None:
-        """Cut windows of ``context`` bytes; a context the corpus cannot fill is one ValueError."""
-        for name, data in (("training", self.train_bytes), ("validation", self._validation())):
-            if len(data) < int(context) + 1:
-                raise ValueError(f"context {context} is longer than the {name} split ({len(data):,} bytes): "
-                                 f"lower model.context or give more text (data.path)")
+        """Cut windows of ``context`` bytes; a context a split cannot fill is one ValueError."""
+        if len(self.train_bytes) < int(context) + 1:
+            raise ValueError(f"context {context} is longer than the training split ({len(self.train_bytes):,} bytes): "
+                             "lower model.context or give more text (data.path)")
+        validation = self._validation()
+        if len(validation) < int(context) + 1:
+            cause = (f"data.val_bytes={self.val_bytes} keeps {len(validation):,} bytes of the validation split"
+                     if len(validation) < len(self.validation_bytes) else f"the validation split has {len(validation):,} bytes")
+            raise ValueError(f"context {context} is longer than the validation data: {cause}; lower model.context, "
+                             "raise data.val_bytes or give more text (data.path)")
         self.context = int(context)
+
+    def check_workers(self, n_workers: int) -> None:
+        """ValueError unless an epoch holds a batch for every worker (else Lightning trains no step, silently)."""
+        windows = (len(self.train_bytes) - 1) // (self.context or 1)
+        per_epoch = min(self.epoch_windows or windows, windows)
+        if per_epoch < self.batch_size * n_workers:
+            raise ValueError(f"an epoch of {per_epoch:,} windows holds no batch of {self.batch_size} for each of {n_workers} workers: "
+                             "raise data.epoch_windows, lower data.batch_size or give more text (data.path)")
 
     def _validation(self) -> np.ndarray:
         return self.validation_bytes[: self.val_bytes] if self.val_bytes else self.validation_bytes
@@ -375,7 +416,7 @@ class ByteTextDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=True)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=64, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=64, shuffle=False)

@@ -182,6 +182,10 @@ class LanguageModel(pl.LightningModule):
             raise ValueError(f"model=gpt predicts bytes (256 classes) and needs data=text, not a {num_classes}-class dataset")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps} and {min_lr_ratio}")
         self.save_hyperparameters(ignore=["input_shape", "num_classes"])
@@ -218,6 +222,7 @@ class LanguageModel(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the cosine schedule needs a run of known length: set trainer.max_steps or trainer.max_epochs")
+        warmup = min(h.warmup_steps, int(total))  # a run shorter than its warm-up still reaches the peak, at its end
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, h.warmup_steps, int(total), h.min_lr_ratio))
+            optimizer, lambda step: warmup_cosine(step, warmup, int(total), h.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -175,7 +175,8 @@ class RunResult:
     @property
     def metric(self) -> str:
         """The run's validation metric: ``val_bpb`` for a language model (lower is better), else ``val_acc``."""
-        return "val_bpb" if self.summary.get("val_bpb") is not None or self.column("val_bpb") else "val_acc"
+        language = str(self.settings.get("model._target_", "")).endswith(".LanguageModel")
+        return "val_bpb" if language or self.summary.get("val_bpb") is not None or self.column("val_bpb") else "val_acc"
 
     def reached(self, value: float, target: float) -> bool:
         """Whether a value of :attr:`metric` is at ``target`` or better."""
