@@ -82,24 +82,13 @@ def build(cfg: DictConfig, output_dir: str | Path) -> tuple[pl.Trainer, pl.Light
     model = _instantiate(
         cfg.model, "model", input_shape=list(datamodule.input_shape), num_classes=int(datamodule.num_classes)
     )
-    if hasattr(datamodule, "use_context"):  # text: windows of the model's context
-        try:
-            datamodule.use_context(model.context)
-        except ValueError as exc:
-            raise ConfigError(f"invalid `data` config: {exc}") from exc
     strategy = _instantiate(cfg.strategy, "strategy")
     summary = RunSummary(Path(output_dir) / cfg.summary_file, config=OmegaConf.to_container(cfg, resolve=True))
     bar = wants_progress_bar(cfg.trainer.get("enable_progress_bar", True))  # a log file gets epoch lines instead
     trainer = _instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=[summary, ConsoleLines(epoch_lines=not bar)],
                            enable_progress_bar=bar, **_validated_at_least_once(cfg.trainer))
-    if hasattr(datamodule, "check_workers"):  # text: an epoch must hold a batch for every worker
-        try:
-            datamodule.check_workers(trainer.world_size * getattr(strategy, "workers_per_device", 1))
-        except ValueError as exc:
-            raise ConfigError(f"invalid `data` config: {exc}") from exc
-    if getattr(model, "task", None) == "language" and trainer.max_steps in (-1, None) and trainer.max_epochs == -1:
-        raise ConfigError("invalid `trainer` config: max_epochs=-1 and max_steps=-1 never end, and the learning-rate schedule "
-                          "needs the run's length: set trainer.max_steps or trainer.max_epochs")
+    if getattr(model, "task", None) == "language":
+        _fit_text_to(datamodule, model, trainer, trainer.world_size * getattr(strategy, "workers_per_device", 1))
     if isinstance(strategy, LossyPSStrategy):
         try:
             strategy.check_world_size(trainer.world_size)
@@ -125,6 +114,19 @@ def _check_task(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     if model_task != data_task:
         wanted = "data=text" if model_task == "language" else "model=gpt (or a dataset of labelled examples: digits, mnist1d, ...)"
         raise ConfigError(f"invalid `model` config: the model is for {model_task} and the data for {data_task}: use {wanted}")
+
+
+def _fit_text_to(datamodule: pl.LightningDataModule, model: pl.LightningModule, trainer: pl.Trainer, n_workers: int) -> None:
+    """A language model's run: windows of the model's context, an epoch that holds a batch for every worker
+    (else Lightning trains no step, silently), and an end (the learning-rate schedule needs the run's length)."""
+    try:
+        datamodule.use_context(model.context)
+        datamodule.check_workers(n_workers)
+    except ValueError as exc:
+        raise ConfigError(f"invalid `data` config: {exc}") from exc
+    if trainer.max_steps in (-1, None) and trainer.max_epochs == -1:
+        raise ConfigError("invalid `trainer` config: max_epochs=-1 and max_steps=-1 never end, and the learning-rate schedule "
+                          "needs the run's length: set trainer.max_steps or trainer.max_epochs")
 
 
 def _validated_at_least_once(trainer: DictConfig) -> dict[str, Any]:
