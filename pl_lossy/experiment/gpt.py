@@ -24,7 +24,7 @@ gradient clipping (``trainer.gradient_clip_val``), bf16-mixed on GPU (``trainer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pytorch_lightning as pl
@@ -55,10 +55,6 @@ class GPTShape:
         if size not in SIZES:
             raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
         values = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown GPT setting {unknown[0]!r}")
         for key in ("n_layer", "n_head", "d_model", "context"):
             if int(values[key]) != values[key] or values[key] < 1:
                 raise ValueError(f"{key} must be a positive integer, got {values[key]}")
