@@ -74,7 +74,7 @@ class ConsoleLines(Callback):
         quiet()  # unpickled in a spawned training process: quiet it before Lightning's first message there
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.started = time.monotonic()
+        self.started, self._reported_step = time.monotonic(), None  # a second fit reports from nothing
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:  # a long epoch (text) validates several times
