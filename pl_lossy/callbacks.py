@@ -91,7 +91,8 @@ class RunSummary(Callback):
     per-round time), ``background`` (when the network had tenants: flows completed, their flow-weighted
     mean completion time, the mean over rounds of each round's 99th percentile), ``drops`` (packets lost over
     this fit's rounds, by cause: see :class:`DropTally`), ``outcome_store`` (ns-3:
-    rounds replayed from the store, simulated, written, damaged; the store's path and size), ``wall_time_s`` (from
+    rounds replayed from the store, simulated, written, damaged; the store's path and size), ``fidelity`` (ns-3: the
+    mode, its simulated rounds, why ``auto`` chose it; see docs/fidelity.md), ``wall_time_s`` (from
     this callback's creation), ``config``.
     """
 
@@ -154,6 +155,9 @@ class RunSummary(Callback):
             while not hasattr(network, "store_summary") and hasattr(network, "network"):  # a TraceRecorder's
                 network = network.network
             report = network.store_summary() if hasattr(network, "store_summary") else None
+            fidelity = getattr(network, "fidelity", None)
+            if fidelity is not None:
+                out["fidelity"] = fidelity.summary()
             if report is not None:
                 out["outcome_store"] = report
         out["wall_time_s"] = time.time() - self.started

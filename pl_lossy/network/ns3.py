@@ -19,6 +19,8 @@ from ns3_bridge.sim.topology import link_ends
 
 from .base import NetworkModel, RoundOutcome, RoundSpec
 from .bernoulli import resolve_alias
+from . import fidelity as fidelities
+from .fidelity import Fidelity, ReusedRounds, served_as
 from .outcome_store import OutcomeStore, config_settings, resolve_path, round_key, simulator_identity
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,11 @@ class Ns3Network(NetworkModel):
     bridge this network starts runs this installation's engine, whose identity is computed here; a bridge
     at ``endpoint`` is asked for its own (one ping) before the store is read, and one too old to report
     any gets no stored rounds and stores none.
+
+    ``fidelity`` (:mod:`pl_lossy.network.fidelity`, docs/fidelity.md): ``full`` simulates every round;
+    ``reuse`` simulates rounds 0 .. ``fidelity_rounds`` - 1 and serves every later round one of them, drawn by
+    (seed, round); ``auto`` is ``full`` up to ``fidelity_budget_packets`` packets a round, else ``reuse``. The
+    chosen one (and why) is in :meth:`describe`, so in the run's first line and its summary.
     """
 
     same_on_every_rank = False
@@ -105,6 +112,9 @@ class Ns3Network(NetworkModel):
         max_round_packets: Optional[int] = None,
         curve_keys: Optional[str] = None,
         store: Union[str, bool, None] = "auto",
+        fidelity: str = "auto",
+        fidelity_rounds: int = fidelities.REUSE_ROUNDS,
+        fidelity_budget_packets: int = fidelities.FULL_BUDGET_PACKETS,
         **settings: Any,
     ) -> None:
         # the network itself: NetworkConfig's fields, validated (and unknown names refused) there
@@ -144,6 +154,10 @@ class Ns3Network(NetworkModel):
         if not isinstance(store, (str, os.PathLike, bool, type(None))):
             raise ValueError(f"store must be 'auto', 'off' or a path, got {store!r}")
         self.store_path = resolve_path(store)
+        fidelities.check_settings(fidelity, fidelity_rounds, fidelity_budget_packets)
+        self.fidelity_setting, self.fidelity_rounds, self.fidelity_budget_packets = fidelity, fidelity_rounds, fidelity_budget_packets
+        self.fidelity: Optional[Fidelity] = None  # chosen by check_round, once a round's size is known
+        self._reused = ReusedRounds()  # reuse's simulated rounds, for runs without a store
         self._store: Optional[OutcomeStore] = None
         self._store_report: Optional[dict[str, Any]] = None
         self._settings: Optional[dict[str, Any]] = None
@@ -260,28 +274,44 @@ class Ns3Network(NetworkModel):
                 f"at ~{SIM_PACKETS_PER_S:,} packets/s, timeout_s={self.timeout_s:g}): use fewer workers, larger packets "
                 "(strategy.packet_bytes), an analytic network, or raise network.max_round_packets and network.timeout_s"
             )
+        differ = fidelities.rounds_differ(spec, bool(self.config.link_failures))
+        self.fidelity = fidelities.choose(self.fidelity_setting, self.fidelity_rounds, self.fidelity_budget_packets, packets, differ)
 
     def outcome(self, spec: RoundSpec) -> RoundOutcome:
         self.check_round(spec)
+        assert self.fidelity is not None
+        source = self.fidelity.source_round(self.seed, spec.round)  # the round simulated for this one (itself at full)
+        reused = self._reused.get(source)
+        if reused is not None:
+            return served_as(reused, source, spec.round)
+        outcome = self._simulated(spec, source)
+        if self.fidelity.mode == "reuse":
+            self._reused.keep(source, outcome)
+        return served_as(outcome, source, spec.round)
+
+    def _simulated(self, spec: RoundSpec, source: int) -> RoundOutcome:
+        """Round ``source`` of ``spec``'s shape, from the store, else from the bridge (and then stored)."""
         store = self._usable_store()
         if store is not None:
-            stored = store.get(self._key(spec, spec.round))
+            stored = store.get(self._key(spec, source))
             if stored is not None:
                 return stored
         client = self._connect()
         if self.run_ahead:
-            # queue rounds r+1..r+run_ahead first: the pool simulates them while training computes
+            # queue the rounds that rounds r+1..r+run_ahead need first: the pool simulates them while training computes
             ahead = range(max(spec.round + 1, self._ahead_until + 1), spec.round + 1 + self.run_ahead)
-            missing = [r for r in ahead if store is None or not store.contains(self._key(spec, r))]
+            needed = dict.fromkeys(self.fidelity.source_round(self.seed, r) for r in ahead)  # in order, once each
+            missing = [r for r in needed if r != source and r not in self._reused
+                       and (store is None or not store.contains(self._key(spec, r)))]
             if missing:
                 client.prefetch([self._shape(spec, r) for r in missing])
             if len(ahead):
                 self._ahead_until = ahead[-1]
-        (result,) = client.outcomes([self._shape(spec, spec.round)])
+        (result,) = client.outcomes([self._shape(spec, source)])
         outcome = RoundOutcome(result.up, result.down, result.up_time_s, result.down_time_s, result.stats)
         store = self._usable_store()  # keyed by the bridge that simulated it (ours may only now have started)
         if store is not None:
-            store.put(self._key(spec, spec.round), outcome)
+            store.put(self._key(spec, source), outcome)
         return outcome
 
     @property
@@ -312,6 +342,8 @@ class Ns3Network(NetworkModel):
         """Round ``spec``'s key in an outcome store (what a trace records, so that ``pl-lossy store import`` can
         put the trace's rounds where this network's runs look them up); None for a bridge that reports no
         simulator identity (its rounds never enter a store)."""
+        if self.fidelity is not None and self.fidelity.source_round(self.seed, spec.round) != spec.round:
+            return None  # served another round's outcome: it must never enter a store as round spec.round's
         return self._key(spec, spec.round) if self._simulator_identity() is not None else None
 
     def store_summary(self) -> Optional[dict[str, Any]]:
@@ -342,6 +374,7 @@ class Ns3Network(NetworkModel):
         # another connection may reach another bridge (restarted, upgraded): configure and ask it again
         self._configured = self._simulator_known = False
         self._ahead_until = -1  # a later fit starts at round 0 again: run ahead from there
+        self._reused.clear()
         if client is not None and process is not None and process.poll() is None:
             try:  # only a bridge we started is ours to shut down
                 client.shutdown(timeout_s=5.0)
@@ -373,5 +406,6 @@ class Ns3Network(NetworkModel):
         tenants += ", learning class" if c.learning_class else ""
         return (
             f"ns-3 {self.transport.upper()} over {fabric}({c.link_rate / 1e9:g} Gb/s, {c.link_delay * 1e6:g} us, {loss}, "
-            f"queue {c.queue_packets} pkts{tenants}, seed {c.seed}) via {where}"
+            f"queue {c.queue_packets} pkts{tenants}, seed {c.seed}) via {where}, fidelity "
+            f"{self.fidelity.describe() if self.fidelity is not None else self.fidelity_setting}"
         )

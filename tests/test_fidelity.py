@@ -1,0 +1,136 @@
+"""network.fidelity: full, reuse and auto, on the real bridge; the choice never silent."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pl_lossy.network import Ns3Network, RoundSpec
+from pl_lossy.network.fidelity import Fidelity, ReusedRounds, choose, rounds_differ
+
+from test_app import run_app
+
+
+def _spec(r, **kw):
+    return RoundSpec(r, 4, 4, 12, 1400, **kw)
+
+
+def test_reuse_serves_the_first_rounds_themselves_and_later_ones_a_seeded_draw_among_them():
+    reuse = Fidelity("reuse", 5)
+    assert [reuse.source_round(7, r) for r in range(5)] == list(range(5))
+    later = [reuse.source_round(7, r) for r in range(5, 400)]
+    assert set(later) == set(range(5))  # every simulated round is served...
+    assert max(np.bincount(later)) < 2 * len(later) / 5  # ...about equally often
+    assert later == [reuse.source_round(7, r) for r in range(5, 400)]  # a pure function of (seed, round)
+    assert later != [reuse.source_round(8, r) for r in range(5, 400)]  # another seed, other draws
+    assert [Fidelity("full").source_round(7, r) for r in range(100)] == list(range(100))
+
+
+def test_auto_is_full_up_to_the_budget_and_reuse_above_it_saying_why():
+    assert choose("auto", 64, 1000, 1000, "") == Fidelity("full")
+    above = choose("auto", 64, 1000, 1001, "")
+    assert above.mode == "reuse" and above.rounds == 64 and "1,001 packets a round is over fidelity_budget_packets=1,000" in above.describe()
+    assert choose("full", 64, 10, 10**6, "") == Fidelity("full")  # asked for: never replaced
+    assert choose("reuse", 8, 10**9, 10, "") == Fidelity("reuse", 8)
+
+
+@pytest.mark.parametrize("kw, link_failures, why", [
+    (dict(compute_s=0.01, compute_jitter=0.5), False, "stragglers"),
+    (dict(worker_failures=((1, 2, 4),)), False, "worker failures"),
+    ({}, True, "link failures"),
+])
+def test_rounds_that_differ_refuse_reuse_and_auto_stays_full_saying_so(kw, link_failures, why):
+    differ = rounds_differ(_spec(0, **kw), link_failures)
+    assert why in differ
+    with pytest.raises(ValueError, match=f"fidelity=reuse serves a round another round's outcome.*{why}.*use fidelity=full"):
+        choose("reuse", 8, 10, 10**6, differ)
+    fallback = choose("auto", 8, 10, 10**6, differ)
+    assert fallback.mode == "full" and "so reuse does not apply" in fallback.describe()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(fidelity="fast"), "fidelity must be one of auto, full, reuse"),
+    (dict(fidelity_rounds=0), "fidelity_rounds must be a positive integer, got 0"),
+    (dict(fidelity_budget_packets=2.5), "fidelity_budget_packets must be a positive integer, got 2.5"),
+])
+def test_bad_fidelity_settings_are_one_line(kw, message):
+    with pytest.raises(ValueError, match=message):
+        Ns3Network(**kw)
+
+
+def test_kept_rounds_come_back_bit_for_bit_as_fresh_arrays():
+    rng = np.random.default_rng(0)
+    up, down = rng.random((3, 5, 77)) < 0.9, rng.random((5, 3, 77)) < 0.9
+    from pl_lossy.network import RoundOutcome
+
+    kept = ReusedRounds()
+    kept.keep(4, RoundOutcome(up, down, 1e-3, 2e-3, {"drops_link_error": 3.0}))
+    back = kept.get(4)
+    assert back.up.dtype == np.bool_ and (back.up == up).all() and (back.down == down).all()
+    assert (back.up_time_s, back.down_time_s, back.stats) == (1e-3, 2e-3, {"drops_link_error": 3.0})
+    back.up[:] = False
+    assert (kept.get(4).up == up).all() and kept.get(5) is None
+
+
+# ---------------------------------------------------------------------- on the real simulator
+
+
+def test_reuse_serves_real_ns3_rounds_and_simulates_only_its_own(bridge, tmp_path):
+    """Every round reuse serves is, bit for bit, a round full simulated; the store receives those rounds alone,
+    under their own keys, so a full run afterwards replays them and simulates only the others."""
+    store = tmp_path / "outcomes.sqlite"
+    reuse = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=5, store=str(store), fidelity="reuse", fidelity_rounds=3)
+    served = [reuse.outcome(_spec(r)) for r in range(12)]
+    assert "fidelity reuse of 3 simulated rounds" in reuse.describe()
+    assert reuse.store_key(_spec(1)) is not None and [reuse.store_key(_spec(r)) is None for r in range(3, 12)] == [
+        reuse.fidelity.source_round(5, r) != r for r in range(3, 12)]  # a served round never enters a store as its own
+    reuse.close()
+    assert reuse.store_summary()["written"] == 3
+
+    full = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=5, store=str(store), fidelity="full")
+    truth = [full.outcome(_spec(r)) for r in range(12)]
+    full.close()
+    assert (full.store_summary()["hits"], full.store_summary()["written"]) == (3, 9)
+    sources = [reuse.fidelity.source_round(5, r) for r in range(12)]
+    assert sources[:3] == [0, 1, 2] and set(sources[3:]) <= {0, 1, 2}
+    for r, (out, source) in enumerate(zip(served, sources)):
+        assert (out.up == truth[source].up).all() and (out.down == truth[source].down).all(), r
+        assert (out.up_time_s, out.down_time_s) == (truth[source].up_time_s, truth[source].down_time_s)
+        assert out.stats.get("reused_round") == (None if r < 3 else float(source))
+    assert not all((truth[0].up == t.up).all() for t in truth[1:3])  # the simulated rounds differ: reuse repeats them
+
+
+def test_reuse_without_a_store_simulates_each_source_round_once(bridge):
+    network = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=5, store="off", fidelity="reuse", fidelity_rounds=2)
+    asked = []
+    connect = network._connect
+
+    def counting():
+        asked.append(1)
+        return connect()
+
+    network._connect = counting
+    outs = [network.outcome(_spec(r)) for r in range(10)]
+    network.close()
+    assert len(asked) == 2  # rounds 0 and 1; the other eight were served from memory
+    assert all((o.up == outs[int(o.stats.get("reused_round", r))].up).all() for r, o in enumerate(outs))
+
+
+def test_the_run_names_its_fidelity_in_its_first_line_and_summary(tmp_path):
+    proc = run_app(tmp_path, "trainer.max_epochs=1", "network.fidelity_budget_packets=10", "network.fidelity_rounds=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = next(line for line in proc.stdout.splitlines() if line.startswith("lossy_ps:"))
+    assert "fidelity reuse of 2 simulated rounds (auto: 56 packets a round is over fidelity_budget_packets=10)" in first
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["fidelity"] == {"mode": "reuse", "rounds": 2, "reason": "auto: 56 packets a round is over fidelity_budget_packets=10"}
+    assert "fidelity reuse of 2" in summary["network"]
+    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "net/reused_round" in metrics
+
+
+def test_reuse_with_stragglers_is_refused_before_launch(tmp_path):
+    proc = run_app(tmp_path, "network.fidelity=reuse", "strategy.compute_time_s=0.001", "strategy.compute_jitter=0.3")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: invalid `network` config: fidelity=reuse") and "stragglers" in last
+    assert "Initializing distributed" not in proc.stdout + proc.stderr
