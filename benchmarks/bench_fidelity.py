@@ -108,9 +108,9 @@ def network_cell(model: str, workers: int, name: str, n_rounds: int, k: int) -> 
     reuse = Fidelity("reuse", k)
     kept = ReusedRounds()
     for r in range(k):
-        kept.keep(r, outs[r])
+        kept.keep(r, None, outs[r])
     t0 = time.perf_counter()
-    served = [kept.get(reuse.source_round(0, r)) for r in range(k, n_rounds)]
+    served = [kept.get(reuse.source_round(0, r), None) for r in range(k, n_rounds)]
     serve_s = (time.perf_counter() - t0) / max(1, n_rounds - k)
     full_stats, reuse_stats = flow_statistics(outs[k:], specs[0]), flow_statistics(served, specs[0])
     errors = {}
@@ -129,7 +129,22 @@ def speedup(full_s: float, serve_s: float, run_rounds: int, k: int) -> float:
     return run_rounds * full_s / (k * full_s + (run_rounds - k) * serve_s)
 
 
-def network_table(args) -> list[dict]:
+class Table:
+    """Lines printed as they come and kept, to be written to a file the docs include (docs/fidelity.md)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def write(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n")
+        print(f"written: {path}")
+
+
+def network_table(args, table: Table) -> list[dict]:
     rows: list[dict] = []
     rates: dict[str, float] = {}  # packets per ns-3 second, per network, the slowest measured so far
     for name in args.networks:
@@ -138,17 +153,17 @@ def network_table(args) -> list[dict]:
                 packets = 2 * w * (w - 1) * spec_of(model, w, 0).packets_per_block
                 rate = rates.get(name)
                 if rate is not None and packets * (args.rounds + 1) / rate > args.max_cell_s:
-                    print(f"| {model} | {w} | {name} | {packets:,} | skipped: ~{packets * (args.rounds + 1) / rate:,.0f} s of ns-3 "
-                          f"(over --max-cell-s={args.max_cell_s:g}) |", flush=True)
+                    table.add(f"| {model} | {w} | {name} | {packets:,} | skipped: over --max-cell-s of ns-3 at the rate "
+                          "measured above |")
                     continue
                 row = network_cell(model, w, name, args.rounds, args.k)
                 rates[name] = min(rates.get(name, math.inf), row["packets"] / row["full_s"])
                 rows.append(row)
                 e = row["errors"]
                 cells = " | ".join("-" if e[s] is None else f"{100 * e[s]:.1f}%" for s in ERRORS)
-                print(f"| {model} | {w} | {name} | {row['packets']:,} | {row['delivered']:.3f} | {row['full_s']:.2f} | "
+                table.add(f"| {model} | {w} | {name} | {row['packets']:,} | {row['delivered']:.3f} | {row['full_s']:.2f} | "
                       f"{1e3 * row['serve_s']:.2f} | {speedup(row['full_s'], row['serve_s'], 1000, 64):.0f}x | "
-                      f"{speedup(row['full_s'], row['serve_s'], 1000, 10):.0f}x | {cells} |", flush=True)
+                      f"{speedup(row['full_s'], row['serve_s'], 1000, 10):.0f}x | {cells} |")
     return rows
 
 
@@ -166,14 +181,18 @@ def training_table(args) -> None:
         cfg = data["config"]
         final[(cfg["network"]["fidelity"], cfg["seed"])] = data.get("train_eval_loss") or data["train_loss"]
     print(f"\nTraining: experiment=paper_grid, 16 workers, {args.steps} steps, leaf-spine with tenants, reuse of {args.reuse_rounds} rounds")
-    print("| seed | full | reuse | reuse - full |\n| --- | --- | --- | --- |")
+    table = Table()
+    table.add("| seed | full | reuse | reuse - full |")
+    table.add("| --- | --- | --- | --- |")
     for seed in args.seeds:
         f, r = final[("full", seed)], final[("reuse", seed)]
-        print(f"| {seed} | {f:.4f} | {r:.4f} | {r - f:+.4f} |")
+        table.add(f"| {seed} | {f:.4f} | {r:.4f} | {r - f:+.4f} |")
     fulls = [final[("full", s)] for s in args.seeds]
     diffs = [final[("reuse", s)] - final[("full", s)] for s in args.seeds]
-    print(f"seed-to-seed spread at full (max - min): {max(fulls) - min(fulls):.4f}; mean |reuse - full|: "
-          f"{statistics.mean(abs(d) for d in diffs):.4f}", flush=True)
+    table.add("")
+    table.add(f"Seed-to-seed spread at full (max - min): {max(fulls) - min(fulls):.4f}; mean |reuse - full|: "
+              f"{statistics.mean(abs(d) for d in diffs):.4f}.")
+    table.write(args.out / "training.md")
 
 
 def main() -> None:
@@ -197,10 +216,12 @@ def main() -> None:
     if not args.no_network:
         print(f"ns-3 seconds a round at full (one process, mean of {args.rounds}); reuse: a lookup, and the speed-up of a "
               f"1,000-round run at K = 64 and K = 10; relative error of reuse (K = {args.k}) against full on rounds {args.k}..{args.rounds - 1}\n")
-        print("| model | W | network | packets a round | delivered | full s/round | reuse ms/round | speed-up K=64 | K=10 | "
-              + " | ".join(ERRORS) + " |")
-        print("| --- " * (10 + len(ERRORS)) + "|", flush=True)
-        rows = network_table(args)
+        table = Table()
+        table.add("| model | W | network | packets a round | delivered | full s/round | reuse ms/round | speed-up K=64 | K=10 | "
+                  + " | ".join(ERRORS) + " |")
+        table.add("| --- " * (9 + len(ERRORS)) + "|")
+        rows = network_table(args, table)
+        table.write(args.out / "network.md")
         (args.out / "network.json").write_text(json.dumps(rows, indent=1))
     if args.training:
         training_table(args)

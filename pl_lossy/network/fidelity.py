@@ -13,7 +13,9 @@ first line, its summary and its traces name it, with its parameters and why ``au
   outcome is a real ns-3 outcome (masks, phase times, counters); what is lost is diversity: a run sees at
   most K distinct drop patterns, each about R / K times. Cost: K rounds of ns-3 for a run of any length
   (a run of at most K rounds is exactly ``full``). The outcome store holds only the K simulated rounds,
-  under their own keys: nothing approximate is ever stored.
+  under their own keys, and a trace records a served round under its source's key: what it holds is exactly
+  that round's outcome, so nothing approximate is ever stored as exact. With an adaptive deadline (the one
+  field of a round that may change with its index) round s is simulated once per deadline it is served with.
 - ``auto`` (the default): ``full`` while a round has at most ``budget`` packets, else ``reuse``; the run
   says which and why.
 """
@@ -32,8 +34,8 @@ MODES = ("auto", "full", "reuse")
 #: The random stream reuse draws source rounds from (drops use 0, stragglers 0x5354).
 REUSE_STREAM = 0x5245
 #: ``auto`` keeps ``full`` up to this many packets a round: ~1.5 s of ns-3 a round on the 10 Gb/s star (~140k
-#: packets/s), ~20 s on the leaf-spine with 40% tenants' load (~10k/s), measured here (docs/fidelity.md): a
-#: 1,000-round run's first pass stays within hours. 16 ResNet-20 workers (23,520) and 16 or 32 tiny GPTs (89,280;
+#: packets/s), 20-70 s on the leaf-spine with 40% tenants' load, measured here (docs/fidelity.md): a packet
+#: count cannot tell a fabric's cost in advance, so the budget is the star's. 16 ResNet-20 workers (23,520) and 16 or 32 tiny GPTs (89,280;
 #: 184,512) stay exact; 16 10M GPTs (929,760: ~7 s a round on the star, over a minute with tenants) do not.
 FULL_BUDGET_PACKETS = 200_000
 #: Rounds ``reuse`` simulates when ``auto`` picks it.
@@ -96,8 +98,10 @@ def choose(mode: str, rounds: int, budget: int, packets: int, differ: str) -> Fi
             raise ValueError(f"fidelity=reuse serves a round another round's outcome, so every round must be alike, but "
                              f"{differ}: use fidelity=full")
         return Fidelity("reuse", rounds)
-    if mode == "full" or packets <= budget:
+    if mode == "full":
         return Fidelity("full")
+    if packets <= budget:
+        return Fidelity("full", reason=f"auto: {packets:,} packets a round, within fidelity_budget_packets={budget:,}")
     if differ:
         return Fidelity("full", reason=f"auto: {packets:,} packets a round is over {budget:,}, but {differ}, so reuse does not apply")
     return Fidelity("reuse", rounds, reason=f"auto: {packets:,} packets a round is over fidelity_budget_packets={budget:,}")
@@ -105,21 +109,23 @@ def choose(mode: str, rounds: int, budget: int, packets: int, differ: str) -> Fi
 
 class ReusedRounds:
     """The simulated rounds ``reuse`` serves again, kept in memory as packed bits (1/8 of a bool mask: 64 rounds
-    of 16 GPT-2 workers, 7.4M packets each, are ~60 MB), so a run without an outcome store simulates each once."""
+    of 16 GPT-2 workers, 7.4M packets each, are ~60 MB), so a run without an outcome store simulates each once.
+    A round is kept under its index and its deadline (an adaptive deadline changes it from round to round):
+    what a round is simulated with, besides its index, is the same in every round (see :func:`rounds_differ`)."""
 
     def __init__(self) -> None:
-        self._kept: dict[int, tuple] = {}
+        self._kept: dict[tuple[int, Optional[float]], tuple] = {}
 
-    def keep(self, round_index: int, outcome: RoundOutcome) -> None:
-        self._kept[round_index] = (np.packbits(outcome.up), outcome.up.shape, np.packbits(outcome.down), outcome.down.shape,
+    def keep(self, round_index: int, deadline_s: Optional[float], outcome: RoundOutcome) -> None:
+        self._kept[round_index, deadline_s] = (np.packbits(outcome.up), outcome.up.shape, np.packbits(outcome.down), outcome.down.shape,
                                    outcome.up_time_s, outcome.down_time_s, dict(outcome.stats))
 
-    def __contains__(self, round_index: int) -> bool:
-        return round_index in self._kept
+    def __contains__(self, key: tuple[int, Optional[float]]) -> bool:
+        return key in self._kept
 
-    def get(self, round_index: int) -> Optional[RoundOutcome]:
-        """Round ``round_index``'s outcome (fresh arrays), or None when not kept."""
-        kept = self._kept.get(round_index)
+    def get(self, round_index: int, deadline_s: Optional[float]) -> Optional[RoundOutcome]:
+        """Round ``round_index``'s outcome under ``deadline_s`` (fresh arrays), or None when not kept."""
+        kept = self._kept.get((round_index, deadline_s))
         if kept is None:
             return None
         up, up_shape, down, down_shape, up_t, down_t, stats = kept
@@ -129,11 +135,3 @@ class ReusedRounds:
     def clear(self) -> None:
         self._kept.clear()
 
-
-def served_as(outcome: RoundOutcome, source: int, round_index: int) -> RoundOutcome:
-    """``outcome`` (of round ``source``) as round ``round_index``'s: the same masks and times, its counters with
-    ``reused_round`` (logged as ``net/reused_round``) when it is another round's."""
-    if source == round_index:
-        return outcome
-    return RoundOutcome(outcome.up, outcome.down, outcome.up_time_s, outcome.down_time_s,
-                        {**outcome.stats, "reused_round": float(source)})

@@ -20,7 +20,7 @@ from ns3_bridge.sim.topology import link_ends
 from .base import NetworkModel, RoundOutcome, RoundSpec
 from .bernoulli import resolve_alias
 from . import fidelity as fidelities
-from .fidelity import Fidelity, ReusedRounds, served_as
+from .fidelity import Fidelity, ReusedRounds
 from .outcome_store import OutcomeStore, config_settings, resolve_path, round_key, simulator_identity
 
 log = logging.getLogger(__name__)
@@ -281,13 +281,13 @@ class Ns3Network(NetworkModel):
         self.check_round(spec)
         assert self.fidelity is not None
         source = self.fidelity.source_round(self.seed, spec.round)  # the round simulated for this one (itself at full)
-        reused = self._reused.get(source)
+        reused = self._reused.get(source, spec.deadline_s)
         if reused is not None:
-            return served_as(reused, source, spec.round)
+            return reused
         outcome = self._simulated(spec, source)
         if self.fidelity.mode == "reuse":
-            self._reused.keep(source, outcome)
-        return served_as(outcome, source, spec.round)
+            self._reused.keep(source, spec.deadline_s, outcome)
+        return outcome
 
     def _simulated(self, spec: RoundSpec, source: int) -> RoundOutcome:
         """Round ``source`` of ``spec``'s shape, from the store, else from the bridge (and then stored)."""
@@ -301,7 +301,7 @@ class Ns3Network(NetworkModel):
             # queue the rounds that rounds r+1..r+run_ahead need first: the pool simulates them while training computes
             ahead = range(max(spec.round + 1, self._ahead_until + 1), spec.round + 1 + self.run_ahead)
             needed = dict.fromkeys(self.fidelity.source_round(self.seed, r) for r in ahead)  # in order, once each
-            missing = [r for r in needed if r != source and r not in self._reused
+            missing = [r for r in needed if r != source and (r, spec.deadline_s) not in self._reused
                        and (store is None or not store.contains(self._key(spec, r)))]
             if missing:
                 client.prefetch([self._shape(spec, r) for r in missing])
@@ -342,9 +342,11 @@ class Ns3Network(NetworkModel):
         """Round ``spec``'s key in an outcome store (what a trace records, so that ``pl-lossy store import`` can
         put the trace's rounds where this network's runs look them up); None for a bridge that reports no
         simulator identity (its rounds never enter a store)."""
-        if self.fidelity is not None and self.fidelity.source_round(self.seed, spec.round) != spec.round:
-            return None  # served another round's outcome: it must never enter a store as round spec.round's
-        return self._key(spec, spec.round) if self._simulator_identity() is not None else None
+        if self._simulator_identity() is None:
+            return None
+        # a round reuse serves is exactly its source round's outcome: keyed as that round, never as itself
+        source = self.fidelity.source_round(self.seed, spec.round) if self.fidelity is not None else spec.round
+        return self._key(spec, source)
 
     def store_summary(self) -> Optional[dict[str, Any]]:
         """This run's hits, misses and the store's size (None when there is no store or it was never used)."""
