@@ -104,6 +104,26 @@ def test_reuse_serves_real_ns3_rounds_and_simulates_only_its_own(bridge, tmp_pat
     assert len(distinct) == 3  # the simulated rounds differ: reuse repeats them
 
 
+def test_a_reuse_runs_trace_imports_its_simulated_rounds_which_a_full_run_then_replays(bridge, tmp_path, capsys):
+    from pl_lossy.network import TraceRecorder
+    from pl_lossy.network.outcome_store import main as store_main
+
+    recorder = TraceRecorder(Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=7, store="off", fidelity="reuse",
+                                        fidelity_rounds=2), tmp_path / "trace.npz")
+    served = [recorder.outcome(_spec(r)) for r in range(6)]
+    recorder.save()
+    recorder.network.close()
+    store = tmp_path / "imported.sqlite"
+    assert store_main(["import", str(tmp_path / "trace.npz"), "--path", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "imported 2 of 2 rounds" in out and "(6 rounds in the trace)" in out
+    full = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=7, store=str(store), fidelity="full")
+    replayed = [full.outcome(_spec(r)) for r in range(2)]
+    full.close()
+    assert full.store_summary()["hits"] == 2  # the imported rounds are round 0 and 1 themselves
+    assert all((a.up == b.up).all() for a, b in zip(replayed, served[:2]))
+
+
 def test_reuse_without_a_store_simulates_each_source_round_once(bridge):
     network = Ns3Network(endpoint=bridge.endpoint, loss_rate=0.1, seed=5, store="off", fidelity="reuse", fidelity_rounds=2)
     asked = []

@@ -347,12 +347,14 @@ def _import_trace(trace_path: Path, path: Path) -> int:
               "only traces of ns-3 runs are imported", file=sys.stderr)
         return 2
     store = OutcomeStore(path)
-    new = [(key, out) for key, out in entries if not store.contains(key)]
+    distinct = dict(entries)  # a fidelity=reuse run's trace holds each simulated round many times, under its key
+    new = [(key, out) for key, out in distinct.items() if not store.contains(key)]
     for key, out in new:
         store.put(key, out)
     size = store.size()
     store.close()
-    print(f"imported {len(new):,} of {len(entries):,} rounds from {trace_path} ({len(entries) - len(new):,} were there); "
+    repeated = f" ({len(entries):,} rounds in the trace)" if len(distinct) < len(entries) else ""
+    print(f"imported {len(new):,} of {len(distinct):,} rounds from {trace_path}{repeated} ({len(distinct) - len(new):,} were there); "
           f"{path}: {_held(size)}")
     return 0 if store.usable else 1
 
