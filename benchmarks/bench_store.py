@@ -6,8 +6,7 @@
 For each worker count W (virtual workers in one process, W co-located servers: 2 W (W - 1) P packets a
 round), the same short fit runs over: Bernoulli drops at 1% (analytic: the floor), then the ns-3 star
 (10 Gb/s, 1% loss) **cold** (one simulation process, simulating every round on request, writing a fresh
-outcome store), **cold with reuse** (``fidelity=reuse`` of --reuse-rounds rounds, no store: docs/fidelity.md;
-the only column that is not exact), **cold with a pool** (``--pool`` simulation processes and run-ahead of as many rounds;
+outcome store), **cold with a pool** (``--pool`` simulation processes and run-ahead of as many rounds;
 no store) and **warm** (the same network again: every round replayed from the store, no bridge).
 Wall time per optimizer step on the training side (start-up excluded) and its ratio to the floor,
 side by side in one run. A pool can only hide simulation behind training on spare cores.
@@ -65,13 +64,12 @@ def main() -> None:
     p.add_argument("--model", choices=["mlp", "resnet20"], default="mlp")
     p.add_argument("--workers", type=int, nargs="+", default=[4, 8])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--reuse-rounds", type=int, default=3, help="rounds simulated when cold with reuse")
     p.add_argument("--pool", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="simulation processes when cold with a pool")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"{args.model}, 1 training process, {os.cpu_count()} cores, {args.steps} steps, ns-3 star 10 Gb/s 1% loss, "
           f"pool of {args.pool}")
-    print(f"{'W':>3} {'packets/round':>13} {'floor ms':>9} {'cold ms':>8} {'(x)':>6} {'reuse ms':>8} {'(x)':>6} {'pool ms':>8} {'(x)':>6} {'warm ms':>8} {'(x)':>6} "
+    print(f"{'W':>3} {'packets/round':>13} {'floor ms':>9} {'cold ms':>8} {'(x)':>6} {'pool ms':>8} {'(x)':>6} {'warm ms':>8} {'(x)':>6} "
           f"{'stored rounds':>13}")
     time_fit(args.model, BernoulliNetwork(0.01, seed=0), args.workers[0], 4)  # warm-up, discarded: the first fit pays one-off costs
     for workers in args.workers:
@@ -81,15 +79,13 @@ def main() -> None:
         spec = strategy.round_spec(0)
         packets = 2 * spec.n_workers * (spec.n_servers - 1) * spec.packets_per_block
         cold, _ = time_fit(args.model, Ns3Network(**settings, store=str(store)), workers, args.steps)
-        reuse, _ = time_fit(args.model, Ns3Network(**settings, store="off", fidelity="reuse", fidelity_rounds=args.reuse_rounds),
-                            workers, args.steps)
         pool, _ = time_fit(args.model, Ns3Network(**settings, store="off", sim_workers=args.pool, run_ahead=args.pool),
                            workers, args.steps)
         warm_net = Ns3Network(**settings, store=str(store))
         warm, _ = time_fit(args.model, warm_net, workers, args.steps)
         report = warm_net.store_summary()
         assert report["misses"] == 0, f"the warm run simulated {report['misses']} rounds"
-        print(f"{workers:>3} {packets:>13,} {floor * 1e3:>9.1f} {cold * 1e3:>8.1f} {cold / floor:>5.2f}x {reuse * 1e3:>8.1f} {reuse / floor:>5.2f}x {pool * 1e3:>8.1f} "
+        print(f"{workers:>3} {packets:>13,} {floor * 1e3:>9.1f} {cold * 1e3:>8.1f} {cold / floor:>5.2f}x {pool * 1e3:>8.1f} "
               f"{pool / floor:>5.2f}x {warm * 1e3:>8.1f} {warm / floor:>5.2f}x {report['rounds']:>13,} "
               f"({report['bytes'] / max(report['rounds'], 1) / 1e3:.1f} kB each)")
 
