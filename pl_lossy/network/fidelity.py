@@ -35,8 +35,8 @@ MODES = ("auto", "full", "reuse")
 REUSE_STREAM = 0x5245
 #: ``auto`` keeps ``full`` up to this many packets a round: ~1.5 s of ns-3 a round on the 10 Gb/s star (~140k
 #: packets/s), 20-70 s on the leaf-spine with 40% tenants' load, measured here (docs/fidelity.md): a packet
-#: count cannot tell a fabric's cost in advance, so the budget is the star's. 16 ResNet-20 workers (23,520) and 16 or 32 tiny GPTs (89,280;
-#: 184,512) stay exact; 16 10M GPTs (929,760: ~7 s a round on the star, over a minute with tenants) do not.
+#: count cannot tell a fabric's cost in advance, so the budget is the star's. 16 ResNet-20 workers (23,520)
+#: and 16 or 32 tiny GPTs (89,280; 184,512) stay exact; 16 10M GPTs (929,760: ~7 s a round on the star) do not.
 FULL_BUDGET_PACKETS = 200_000
 #: Rounds ``reuse`` simulates when ``auto`` picks it.
 REUSE_ROUNDS = 64
