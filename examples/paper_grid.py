@@ -2,6 +2,7 @@
 
     python examples/paper_grid.py                      # --preset quick: minutes on 2 cores
     python examples/paper_grid.py --preset full        # p in {0,.01,.05,.1,.2,.4,.5} x n in {2,4,8,16,32} x 3 seeds
+    python examples/paper_grid.py --preset consensus   # the same grid, 5 seeds, 400 steps: the theorem's quantities
     python examples/paper_grid.py --network ns3        # on the ns-3 star, the same loss at every host link
     python examples/paper_grid.py --p 0 0.5 --n 2 8 --seeds 0 1 2 -- trainer.max_steps=1000
     python examples/paper_grid.py --rules rps gradient   # and the paper's ablation: gradients averaged instead of models
@@ -16,6 +17,12 @@ the influence of p fade as n grows?); with ``--rules rps gradient``, (c) the pap
 training loss against p at the largest n, models averaged (RPS) against gradients averaged
 (``strategy.aggregation=gradient``); (a) and (b) are RPS's. Everything lands in --out. Arguments after
 ``--`` are Hydra overrides for every run.
+
+``--preset consensus`` also records the replicas' divergence every 10 rounds and their mean model every 5
+(``strategy.mean_model_every``) and reports what drops did to both beside what the noise model of one RPS
+round predicts (:mod:`pl_lossy.experiment.consensus`): ``consensus.md`` (tables with 95% intervals, the
+fitted exponents of p and n), ``consensus.json`` and ``consensus.png``. ``--report-only`` reports the
+runs already in --out without training.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
+from pl_lossy.experiment import consensus
 from pl_lossy.experiment.compare import compare, pyplot, save_figure
 from pl_lossy.round.aggregation import AGGREGATIONS
 from pl_lossy.experiment.runs import (RunResult, apply_preset, driver_arguments, launcher_overrides, mean_curve,
@@ -35,7 +43,10 @@ HERE = Path(__file__).resolve().parent
 PRESETS = {
     "quick": dict(p=[0.0, 0.1, 0.5], n=[2, 16], seeds=[0, 1], steps=1000),
     "full": dict(p=[0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5], n=[2, 4, 8, 16, 32], seeds=[0, 1, 2], steps=2000),
+    # the theorem's quantities (docs/reproduction.md): the replicas' divergence every 10 rounds, their mean model every 5
+    "consensus": dict(p=[0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5], n=[2, 4, 8, 16, 32], seeds=[0, 1, 2, 3, 4], steps=400),
 }
+PRESET_OVERRIDES = {"consensus": ["strategy.divergence_every=10", "strategy.mean_model_every=5"]}
 NETWORKS = ("bernoulli", "ns3")
 DROP_KEY = "network.loss_rate"  # the drop probability, on either network
 SHORT = {"network.loss_rate": "p", "strategy.workers_per_device": "n",
@@ -54,6 +65,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rules", nargs="+", choices=AGGREGATIONS, default=["rps"],
                    help="aggregation rules (rps first: the grid's; others for the ablation panel)")
     p.add_argument("--out", type=Path, default=Path("outputs/paper_grid"))
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the runs already in --out/runs (a finished or interrupted grid)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs side by side on this machine (Hydra's joblib launcher: pip install -e '.[sweep]')")
     args = p.parse_args(argv)
@@ -76,7 +89,7 @@ def sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
         f"{DROP_KEY}={','.join(str(p) for p in args.p)}",
         f"strategy.workers_per_device={','.join(str(n) for n in args.n)}",
         f"seed={','.join(str(s) for s in args.seeds)}", f"strategy.aggregation={','.join(args.rules)}",
-        f"trainer.max_steps={args.steps}", *launcher_overrides(args.jobs), *overrides,
+        f"trainer.max_steps={args.steps}", *PRESET_OVERRIDES.get(args.preset, []), *launcher_overrides(args.jobs), *overrides,
     ], len(args.p) * len(args.n) * len(args.seeds) * len(args.rules), names=SHORT)
 
 
@@ -165,7 +178,9 @@ def gap_table(grid: dict) -> str:
 def main() -> None:
     args, overrides = driver_arguments(parse)
     started = time.time()
-    runs = sweep(args, overrides)
+    runs = args.out / "runs" if args.report_only else sweep(args, overrides)
+    if not list(runs.glob("*/summary.json")):
+        raise SystemExit(f"error: no runs in {runs}: run the grid first (without --report-only)")
     table, _ = compare([runs], out=args.out, over=["seed"])
     print(table)
     drop_key = DROP_KEY
@@ -183,6 +198,9 @@ def main() -> None:
         for p, n in sorted(grid):
             cells = [f"{final(g[(p, n)], 'train_loss'):.4f}" if (p, n) in g else "-" for g in grids.values()]
             print(f"| {p:g} | {n} | " + " | ".join(cells) + " |")
+    if args.preset == "consensus":
+        found = consensus.report(consensus.measure(grid), args.out, title=f"{title}: the theorem's quantities")
+        print(f"\n{found.markdown}")
     print(f"\n{len(list(runs.glob('*/summary.json')))} runs in {time.time() - started:.0f} s; "
           f"table: {args.out / 'compare.md'}, plots: {args.out / 'grid.png'}, {args.out / 'compare.png'}")
     print_compare_hint(runs, options=("--over", "seed", "--out", str(args.out)))

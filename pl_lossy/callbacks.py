@@ -81,6 +81,9 @@ def _number(value: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
+MEAN_MODEL_FILE = "mean_model.pt"
+
+
 class RunSummary(Callback):
     """Writes ``summary.json`` (rank 0, at the end of fit): final validation metrics, steps, the
     network's delivered fractions and simulated times, wall time, and the config it is given.
@@ -92,8 +95,9 @@ class RunSummary(Callback):
     mean completion time, the mean over rounds of each round's 99th percentile), ``drops`` (packets lost over
     this fit's rounds, by cause: see :class:`DropTally`), ``outcome_store`` (ns-3:
     rounds replayed from the store, simulated, written, damaged; the store's path and size), ``fidelity`` (ns-3: the
-    mode, its simulated rounds, why ``auto`` chose it; see docs/fidelity.md), ``wall_time_s`` (from
-    this callback's creation), ``config``.
+    mode, its simulated rounds, why ``auto`` chose it; see docs/fidelity.md), ``mean_model_file`` (with
+    ``strategy.mean_model_every``: ``mean_model.pt`` beside the summary, ``{"rounds": [T], "mean": [T, parameters]}``),
+    ``wall_time_s`` (from this callback's creation), ``config``.
     """
 
     def __init__(self, path: str | Path, config: Optional[dict] = None) -> None:
@@ -160,12 +164,18 @@ class RunSummary(Callback):
                 out["fidelity"] = fidelity.summary()
             if report is not None:
                 out["outcome_store"] = report
+            if strategy.mean_models:
+                out["mean_model_file"] = MEAN_MODEL_FILE
         out["wall_time_s"] = time.time() - self.started
         out["config"] = self.config
         return out
 
     def write(self, trainer: "pl.Trainer") -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        strategy = _lossy_strategy(trainer)
+        if strategy is not None and strategy.mean_models:
+            rounds, means = zip(*strategy.mean_models)
+            torch.save({"rounds": torch.tensor(rounds), "mean": torch.stack(means)}, self.path.parent / MEAN_MODEL_FILE)
         self.path.write_text(json.dumps(self.summary(trainer), indent=2, default=str) + "\n")
         return self.path
 

@@ -105,6 +105,9 @@ class LossyPSStrategy(DDPStrategy):
             (parameters, optimizer state, buffers); then it rejoins (see :mod:`pl_lossy.workers.failures`).
         divergence_every: every this many rounds, measure how far replicas are from their mean (two
             extra all_reduces); 0 turns it off.
+        mean_model_every: every this many rounds, keep the replicas' mean model (flat, float32, on the CPU:
+            rounds / this x parameters x 4 bytes, meant for small models); :class:`~pl_lossy.callbacks.RunSummary`
+            writes them to ``mean_model.pt`` (docs/reproduction.md measures drops' effect on it); 0 (default): off.
         record_trace: path of an ``.npz`` to which rank 0 records each fit's rounds as outcome-store entries
             (replay it with ``TraceNetwork``; ``pl-lossy store import PATH`` puts an ns-3 run's into the store).
         log_metrics: add a :class:`~pl_lossy.callbacks.LossyPSMetrics` callback if none is present.
@@ -133,6 +136,7 @@ class LossyPSStrategy(DDPStrategy):
         slow_workers: Optional[dict[int, float]] = None,
         worker_failures: Optional[list] = None,
         divergence_every: int = 50,
+        mean_model_every: int = 0,
         record_trace: Optional[str] = None,
         log_metrics: bool = True,
         **kwargs: Any,
@@ -151,8 +155,9 @@ class LossyPSStrategy(DDPStrategy):
             raise ValueError(f"num_servers must be >= 1 or None (one per worker), got {num_servers}")
         if sync_buffers not in SYNC_BUFFERS:
             raise ValueError(f"sync_buffers must be one of {SYNC_BUFFERS}, got {sync_buffers!r}")
-        if divergence_every < 0:
-            raise ValueError(f"divergence_every must be >= 0, got {divergence_every}")
+        for name, every in (("divergence_every", divergence_every), ("mean_model_every", mean_model_every)):
+            if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (rounds; 0: off), got {every!r}")
         if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0):
             raise ValueError(f"deadline_s must be a number of seconds > 0 (or None: no deadline), got {deadline_s!r}")
         self.network = network if network is not None else Ns3Network(loss_rate=0.01)
@@ -174,7 +179,7 @@ class LossyPSStrategy(DDPStrategy):
         self.adaptive_deadline, self.deadline_slack = adaptive_deadline, float(deadline_slack)
         self.compute_jitter, self.slow_workers = check_stragglers(compute_jitter, slow_workers, self._compute)
         self.worker_failures = check_failures(worker_failures)
-        self.divergence_every = divergence_every
+        self.divergence_every, self.mean_model_every = divergence_every, mean_model_every
         self.log_metrics = log_metrics
         self._replicas: Optional[WorkerReplicas] = None
         self._replicas_of: Optional[int] = None  # id() of the module the replicas belong to
@@ -224,6 +229,11 @@ class LossyPSStrategy(DDPStrategy):
     @property
     def last_divergence(self) -> Optional[float]:
         return self._session.last_divergence if self._session is not None else None
+
+    @property
+    def mean_models(self) -> list[tuple[int, Tensor]]:
+        """``(rounds done, the replicas' mean model, flat)`` every ``mean_model_every`` rounds of the current (or last) fit."""
+        return self._session.mean_models if self._session is not None else []
 
     @property
     def round(self) -> int:
@@ -311,6 +321,7 @@ class LossyPSStrategy(DDPStrategy):
             self.network, spec, self._compute, place, self._replicas, self._steps, exchange, gradient_exchange, self._all_reduce_sum,
             record_trace=self.record_trace, adaptive_deadline=self.adaptive_deadline, deadline_slack=self.deadline_slack,
             sync_buffers=self.sync_buffers, divergence_every=self.divergence_every,
+            mean_model_every=self.mean_model_every,
         )
         rank_zero_info(
             f"lossy_ps: {self.n_workers} workers ({self.world_size} processes x {self.workers_per_device}), {layout.n_servers} "

@@ -5,11 +5,15 @@ import json
 import os
 import pickle
 import subprocess
+import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from pl_lossy.experiment.runs import RunResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -375,3 +379,47 @@ def test_an_unknown_group_option_in_a_sweep_fails_before_any_job(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "multi").exists()
     assert proc.stderr.strip() == ("error: network=ns3_starr: no such option; the network group has bernoulli, gilbert_elliott, "
                                    "ns3_leaf_spine, ns3_star, reliable, trace")
+
+
+def test_paper_grid_consensus_preset_measures_the_theorems_quantities_and_reports_them_again(tmp_path):
+    out = tmp_path / "consensus"
+    cmd = [sys.executable, str(ROOT / "examples" / "paper_grid.py"), "--preset", "consensus", "--p", "0", "0.2", "0.5",
+           "--n", "2", "4", "--seeds", "0", "1", "--steps", "40", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((out / "runs").glob("*/mean_model.pt"))
+    assert len(runs) == 12 and torch.load(runs[0], weights_only=True)["mean"].shape[0] == 8  # every 5 of 40 rounds
+    found = json.loads((out / "consensus.json").read_text())
+    assert set(found["fits"]) == {"divergence", "distance", "distance_end", "loss_gap_window", "loss_gap_end"}
+    assert found["window_end"] in range(5, 41, 5)
+    divergence = found["values"]["divergence"]
+    assert all(statistics.fmean(divergence[f"0.5,{n}"]) > statistics.fmean(divergence[f"0.2,{n}"]) > 0 for n in (2, 4))
+    assert all(max(divergence[f"0,{n}"]) < 1e-6 for n in (2, 4))  # without drops the replicas agree
+    fits = (out / "consensus_fits.md").read_text()
+    assert fits.startswith("| quantity |") and fits in proc.stdout
+    assert (out / "consensus.png").stat().st_size > 30_000
+    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "consensus_fits.md").read_text() == fits  # the same runs, the same report: nothing trained again
+    assert len(list((out / "runs").glob("*/logs/version_1"))) == 0
+
+
+def test_paper_speedup_driver_tabulates_the_web_services_speedup_per_assumption(tmp_path):
+    out = tmp_path / "speedup"
+    cmd = [sys.executable, str(ROOT / "examples" / "paper_speedup.py"), "--rows", "volume", "--seeds", "0", "--out", str(out),
+           "--", "trainer.max_steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in (out / "speedup.md").read_text().splitlines() if line.startswith("| volume:")]
+    assert len(rows) == 1 and rows[0] in proc.stdout and "`model=mlp model.net.hidden=[400,400]" in rows[0]
+    runs = {float(r.settings["network.source_drop_rate"]): r
+            for r in (RunResult.load(s.parent) for s in (out / "volume").glob("*/summary.json"))}
+    assert set(runs) == {0.0, 1.0} and runs[1.0].summary["delivered_up"] == 0.0  # p = 1: every learning packet dropped
+    fct = {p: r.summary["background"]["fct_mean_s"] for p, r in runs.items()}
+    assert runs[0.0].summary["background"]["flows"] == runs[1.0].summary["background"]["flows"] > 500  # the same messages
+    speedup = float(rows[0].split("|")[4].strip().rstrip("x"))
+    assert speedup == pytest.approx(fct[0.0] / fct[1.0], abs=0.006) and speedup > 1  # faster without the learning bursts
+    assert (out / "speedup.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, str(ROOT / "examples" / "paper_speedup.py"), "--rate", "0", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "--rate 0 must be > 0" in bad.stderr and not (tmp_path / "b" / "volume").exists()

@@ -30,7 +30,7 @@ host and sent with non-blocking copies from pinned memory.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -186,22 +186,39 @@ class RPSExchange:
     @torch.no_grad()
     def divergence(self, all_reduce: AllReduce) -> tuple[float, float]:
         """Replicas' spread over all workers: ``(rms_w ||v_w - mean||, ||mean||)``, in chunks through a small scratch."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.storage.device)  # ||mean||^2, sum_w ||v_w - mean||^2
+        for chunk, mean in self._mean_chunks(all_reduce):
+            sums[0] += mean.double().square().sum()
+            sums[1] += (chunk.double() - mean.double()).square().sum()
+        spread = sums[1:].clone()
+        all_reduce(spread)
+        return float(spread.div_(self.n_workers).sqrt_()), float(sums[0].sqrt())
+
+    @torch.no_grad()
+    def mean_model(self, all_reduce: AllReduce) -> Tensor:
+        """The replicas' mean over all workers, ``(1/n) sum_w v_w``: the model the theory's bounds are about, flat
+        (the parameters in ``named_parameters`` order, without the packet padding), float32, on the CPU."""
+        out = torch.empty(self.layout.numel, dtype=torch.float32)
+        start = 0
+        for _, mean in self._mean_chunks(all_reduce):
+            out[start : start + mean.numel()].copy_(mean)
+            start += mean.numel()
+        return out
+
+    def _mean_chunks(self, all_reduce: AllReduce) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(this process's rows [k, c], the mean over all workers [c])`` for consecutive chunks of the model (every
+        process must iterate them all: each chunk is one all_reduce)."""
         rows = self.storage[: self.k * self.layout.padded_numel].view(self.k, -1)[:, : self.layout.numel]
         numel = rows.shape[1]
         if self._spare is None:
             self._spare = torch.empty(min(DIVERGENCE_CHUNK, numel), dtype=torch.float32, device=rows.device)
-        sums = torch.zeros(2, dtype=torch.float64, device=rows.device)  # ||mean||^2, sum_w ||v_w - mean||^2
         for start in range(0, numel, self._spare.numel()):
             chunk = rows[:, start : start + self._spare.numel()]
             spare = self._spare[: chunk.shape[1]]
             torch.sum(chunk, dim=0, dtype=torch.float32, out=spare)
             all_reduce(spare)
             spare.div_(self.n_workers)
-            sums[0] += spare.double().square().sum()
-            sums[1] += (chunk.double() - spare.double()).square().sum()
-        spread = sums[1:].clone()
-        all_reduce(spread)
-        return float(spread.div_(self.n_workers).sqrt_()), float(sums[0].sqrt())
+            yield chunk, spare
 
     def state_dict(self) -> dict:
         return {"server_blocks": None if self.server_blocks is None else self.server_blocks.cpu().clone()}

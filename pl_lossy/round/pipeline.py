@@ -34,6 +34,7 @@ def run_round(session: "FitSession", module: torch.nn.Module) -> RoundRecord:
     compute_s = compute_time(session, spec, side)
     record = advance_clock(session, spec, outcome, compute_s)
     measure_divergence(session)
+    record_mean_model(session)
     prefetch_next(session, spec)
     return record
 
@@ -110,6 +111,12 @@ def measure_divergence(session: "FitSession") -> None:
         session.last_divergence = rms / norm if norm > 0 else 0.0
 
 
+def record_mean_model(session: "FitSession") -> None:
+    """Every ``mean_model_every`` rounds: the replicas' mean model, kept on the CPU (one all_reduce a chunk)."""
+    if session.mean_model_every and session.clock.rounds % session.mean_model_every == 0:
+        session.mean_models.append((session.clock.rounds, session.exchange.mean_model(session.all_reduce_sum)))
+
+
 def prefetch_next(session: "FitSession", spec: RoundSpec) -> None:
     """Rank 0 tells a network that simulates elsewhere which round comes next (``NetworkModel.prefetch``: a hint
     a model may use to start simulating it; ns-3 runs ahead inside ``outcome`` instead, ``run_ahead`` rounds past
@@ -120,5 +127,5 @@ def prefetch_next(session: "FitSession", spec: RoundSpec) -> None:
 
 __all__ = [
     "account_failures", "advance_clock", "compute_time", "exchange", "measure_divergence", "obtain_outcome",
-    "prefetch_next", "run_round", "sync_worker_buffers",
+    "prefetch_next", "record_mean_model", "run_round", "sync_worker_buffers",
 ]

@@ -70,8 +70,8 @@ class FitSession:
         place: this process's rank, world size, workers per process and device.
         replicas, steps, exchange, gradient_exchange: this fit's workers, how their steps run, the exchange over them.
         all_reduce_sum: in-place sum over processes (a no-op with one process).
-        record_trace, adaptive_deadline, deadline_slack, sync_buffers, divergence_every: the strategy's settings
-            of the same names.
+        record_trace, adaptive_deadline, deadline_slack, sync_buffers, divergence_every, mean_model_every: the
+            strategy's settings of the same names.
     """
 
     def __init__(
@@ -90,6 +90,7 @@ class FitSession:
         deadline_slack: float = 1.25,
         sync_buffers: str = "broadcast",
         divergence_every: int = 0,
+        mean_model_every: int = 0,
     ) -> None:
         self.network = TraceRecorder(network, record_trace) if record_trace and place.is_global_zero else network
         self.spec, self.place = spec, place
@@ -102,6 +103,8 @@ class FitSession:
         self.clock = SimClock()
         self.last_round: Optional[RoundRecord] = None
         self.last_divergence: Optional[float] = None
+        self.mean_model_every = mean_model_every
+        self.mean_models: list[tuple[int, Tensor]] = []  # (rounds done, the replicas' mean model then), every mean_model_every
         self.closed = False
         self._compute_start: Optional[float] = None
         self._flop_counter: Optional[FlopCounterMode] = None
