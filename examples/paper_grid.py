@@ -186,20 +186,26 @@ def main() -> None:
     drop_key = DROP_KEY
     grids = grid_of(runs, drop_key)
     grid = grids["rps"]
-    title = (f"RPS on MNIST-1D (CNN), plain SGD, batch 32 per worker, {args.steps} steps, "
-             f"{'i.i.d. drops' if args.network == 'bernoulli' else 'ns-3 star'}, {len(args.seeds)} seeds")
+    results = [r for cell in grid.values() for r in cell]
+    steps, seeds = max(r.summary["steps"] for r in results), len({r.settings["seed"] for r in results})  # the runs', not the preset's
+    ns3 = any(str(r.settings.get("network._target_", "")).endswith("Ns3Network") for r in results)
+    title = (f"RPS on MNIST-1D (CNN), plain SGD, batch 32 per worker, {steps} steps, "
+             f"{'ns-3 star' if ns3 else 'i.i.d. drops'}, {seeds} seeds")
     plot(grids, args.out / "grid.png", title)
     gaps = gap_table(grid)
     (args.out / "gaps.md").write_text(gaps)
-    print(f"\nthe gap to p = 0 (final training loss / accuracy, mean over {len(args.seeds)} seeds):\n{gaps}", end="")
+    print(f"\nthe gap to p = 0 (final training loss / accuracy, mean over {seeds} seeds):\n{gaps}", end="")
     if len(grids) > 1:
-        print(f"\nthe ablation: final training loss by aggregation rule (mean over {len(args.seeds)} seeds):")
+        print(f"\nthe ablation: final training loss by aggregation rule (mean over {seeds} seeds):")
         print("| p | n | " + " | ".join(grids) + " |\n|---|---|" + "---|" * len(grids))
         for p, n in sorted(grid):
             cells = [f"{final(g[(p, n)], 'train_loss'):.4f}" if (p, n) in g else "-" for g in grids.values()]
             print(f"| {p:g} | {n} | " + " | ".join(cells) + " |")
-    if args.preset == "consensus":
-        found = consensus.report(consensus.measure(grid), args.out, title=f"{title}: the theorem's quantities")
+    if all((r.run_dir / "mean_model.pt").is_file() for r in results):  # runs of --preset consensus (or mean_model_every)
+        try:
+            found = consensus.report(consensus.measure(grid), args.out, title=f"{title}: the theorem's quantities")
+        except ValueError as exc:
+            raise SystemExit(f"error: the consensus report: {exc}") from None
         print(f"\n{found.markdown}")
     print(f"\n{len(list(runs.glob('*/summary.json')))} runs in {time.time() - started:.0f} s; "
           f"table: {args.out / 'compare.md'}, plots: {args.out / 'grid.png'}, {args.out / 'compare.png'}")

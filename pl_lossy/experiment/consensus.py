@@ -35,8 +35,12 @@ class NoiseModel:
     """Stationary second moments of one RPS round under step noise, per element, in units of the noise's variance."""
 
     divergence: float  # h_div: E[(1/n) sum_i (x_i - xbar)^2] after the round
-    mean_step: float  # h_mean: E[(xbar - ybar)^2], how far the round moves the mean from the no-drop round's
-    stderr: tuple[float, float]  # Monte Carlo standard errors of the two
+    mean_displacement: float  # h_mean: E[(xbar - ybar)^2], how far a round moves the mean from the drop-free round's
+    mean_walk: float  # h_walk: Var(sum over t rounds of those displacements) / t, for large t (they are correlated)
+    stderr: tuple[float, float]  # Monte Carlo standard errors of h_div and h_mean
+
+
+WALK_LAGS = 40  # rounds over which consecutive displacements of the mean are correlated (a deviation lasts ~1/(1-p) rounds)
 
 
 def noise_model(p: float, n: int, rounds: int = 300, burn_in: int = 50, elements: int = 512, seed: int = 0) -> NoiseModel:
@@ -49,22 +53,23 @@ def noise_model(p: float, n: int, rounds: int = 300, burn_in: int = 50, elements
     misses the average keeps its own ``y_i``. Measured after ``burn_in`` rounds, over ``elements`` independent
     elements (one packet each):
 
-        h_div(p, n)  = E[(1/n) sum_i (x_i - xbar)^2]        the replicas' spread: D ~ sqrt(h_div) gamma sigma / ||xbar||
-        h_mean(p, n) = E[(xbar - ybar)^2]                   the mean's displacement a round (0 without drops)
+        h_div(p, n)  = E[(1/n) sum_i (x_i - xbar)^2]          the replicas' spread: D ~ sqrt(h_div) gamma sigma / ||xbar||
+        h_mean(p, n) = E[d_t^2],  d_t = xbar - ybar           the mean's displacement in a round (0 without drops)
+        h_walk(p, n) = h_mean + 2 sum_k E[d_t d_{t+k}]        Var(d_1 + ... + d_t) / t: the mean's random walk
 
-    The mean takes a random walk of steps of variance ``h_mean``: after ``t`` rounds its distance from the no-drop
-    trajectory is ``~ sqrt(t h_mean)`` (before the loss landscape bends it). For small ``p``,
-    ``h_div ~ (p / (1 - p)) (1 - c/n)`` (saturating in ``n``) and ``h_mean ~ 1.2-1.9 p / ((1 - p) n)``: the drop
-    term of the paper's bound, shrinking as ``1/n``.
+    Displacements of consecutive rounds are correlated (a worker that missed an average keeps its deviation), so
+    the mean's distance from the drop-free trajectory after ``t`` rounds is ``~ sqrt(t h_walk)`` (before the
+    loss landscape bends it), not ``sqrt(t h_mean)``. For small ``p``, ``h_div ~ (p / (1 - p)) (1 - c/n)``
+    (saturating in ``n``) and ``h_mean ~ 1.2-1.9 p / ((1 - p) n)``: a drop term shrinking as ``1/n``.
     """
     if not 0 <= p < 1 or n < 1:
         raise ValueError(f"need 0 <= p < 1 and n >= 1, got p={p}, n={n}")
     if n == 1 or p == 0:
-        return NoiseModel(0.0, 0.0, (0.0, 0.0))
+        return NoiseModel(0.0, 0.0, 0.0, (0.0, 0.0))
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, n, elements, 1, dtype=torch.float64)  # [workers, servers, packets, elements per packet]
     own = torch.eye(n, dtype=torch.bool).unsqueeze(-1).expand(n, n, elements)
-    div, mean = [], []
+    div, steps = [], []
     for t in range(rounds):
         y = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
         up = (torch.rand(n, n, elements, generator=g) >= p) | own
@@ -72,9 +77,11 @@ def noise_model(p: float, n: int, rounds: int = 300, burn_in: int = 50, elements
         x, _ = rps_round(y, up, down)
         if t >= burn_in:
             div.append(float((x - x.mean(0)).square().mean()))
-            mean.append(float((x.mean(0) - y.mean(0)).square().mean()))
-    return NoiseModel(statistics.fmean(div), statistics.fmean(mean),
-                      (_batch_stderr(div), _batch_stderr(mean)))
+            steps.append((x.mean(0) - y.mean(0)).flatten())
+    d = torch.stack(steps)  # [rounds after burn-in, elements]: each round's displacement of the mean
+    lag = [float((d[: len(d) - k] * d[k:]).mean()) for k in range(min(WALK_LAGS, len(d) - 1) + 1)]
+    mean = [float(v) for v in d.square().mean(1)]
+    return NoiseModel(statistics.fmean(div), lag[0], lag[0] + 2 * sum(lag[1:]), (_batch_stderr(div), _batch_stderr(mean)))
 
 
 def _batch_stderr(values: Sequence[float], batches: int = 10) -> float:
@@ -135,7 +142,7 @@ def fit_power_law(values: Mapping[Cell, Sequence[float]], log_space: bool = True
 
 def _fit_log(y: np.ndarray, q: np.ndarray, ln: np.ndarray) -> tuple[float, float, float]:
     if (y <= 0).any():
-        raise ValueError("a fit in log space needs positive values: use log_space=False")
+        raise ValueError("a fit in log space needs every cell's mean > 0 (a cell at 0: its runs did not differ)")
     design = np.stack([np.ones_like(q), q, ln], axis=1)
     (log_c, a, b), *_ = np.linalg.lstsq(design, np.log(y), rcond=None)
     return math.exp(log_c), a, b
@@ -207,6 +214,8 @@ class TrainingLoss:
         data.setup("fit")
         self.x, self.y = data.train_set.tensors
         self.model = instantiate(cfg.model, input_shape=list(data.input_shape), num_classes=int(data.num_classes)).eval()
+        if any(True for _ in self.model.buffers()):
+            raise ValueError("the mean model's loss needs a model without buffers (BatchNorm statistics are not in mean_model.pt)")
         self.params = [p for p in self.model.parameters() if p.dtype.is_floating_point]
 
     @torch.no_grad()
@@ -236,17 +245,22 @@ class RunMeasures:
     p: float
     n: int
     seed: int
-    divergence: dict[int, float]  # net/divergence by round
+    divergence: dict[int, float]  # net/divergence by rounds done
     mean_loss: dict[int, float]  # the mean model's whole-training-set loss by round
     distance: dict[int, float]  # the mean model's distance to the p = 0 run's of the same (n, seed), by round
     mean_loss_gap: dict[int, float]  # its training loss minus that p = 0 run's, by round
-    final_loss: Optional[float]  # train_eval_loss at the end (the replicas' losses, averaged)
+    final_loss: Optional[float]  # the mean model's training loss at its last snapshot (the end of the run)
 
 
 def measure(grid: Mapping[Cell, Sequence], loss_of: Callable[[Mapping], TrainingLoss] = TrainingLoss) -> dict[Cell, dict[int, RunMeasures]]:
     """Every run's measures: ``grid[(p, n)]`` holds the runs (:class:`~pl_lossy.experiment.runs.RunResult`) of
     that cell, one per seed, each with its ``mean_model.pt``; a cell at ``p > 0`` is compared with the ``p = 0``
-    run of the same ``n`` and seed."""
+    run of the same ``n`` and seed. Only the seeds every cell has are kept (an interrupted grid: the fits resample
+    seeds, the same draw for every cell); none in common is an error."""
+    common = set.intersection(*({int(r.settings["seed"]) for r in runs} for runs in grid.values())) if grid else set()
+    if not common:
+        raise ValueError("no seed that every cell of the grid has run: nothing to compare (run the grid to the end)")
+    grid = {cell: [r for r in runs if int(r.settings["seed"]) in common] for cell, runs in grid.items()}
     losses: dict[str, TrainingLoss] = {}
     trajectories: dict[tuple[float, int, int], MeanTrajectory] = {}
     out: dict[Cell, dict[int, RunMeasures]] = {}
@@ -264,9 +278,10 @@ def measure(grid: Mapping[Cell, Sequence], loss_of: Callable[[Mapping], Training
                 losses[key] = loss_of(config)
             loss = losses[key]
             trajectory = trajectories[(p, n, seed)]
-            out.setdefault((p, n), {})[seed] = RunMeasures(
-                p, n, seed, dict(run.column("net/divergence")),
-                {r: loss(m) for r, m in zip(trajectory.rounds, trajectory.mean)}, {}, {}, run.summary.get("train_eval_loss"))
+            mean_loss = {r: loss(m) for r, m in zip(trajectory.rounds, trajectory.mean)}
+            # net/divergence is logged at the round's index (0-based), the mean model at rounds done: key both by the latter
+            divergence = {r + 1: v for r, v in run.column("net/divergence")}
+            out.setdefault((p, n), {})[seed] = RunMeasures(p, n, seed, divergence, mean_loss, {}, {}, mean_loss[max(mean_loss)])
     for (p, n, seed), trajectory in trajectories.items():
         reference = trajectories.get((0.0, n, seed))
         if p > 0 and reference is not None:
@@ -337,7 +352,8 @@ def growth_window(measures: Mapping[Cell, Mapping[int, RunMeasures]]) -> tuple[i
     slopes = []
     for t1, t2 in zip(rounds, rounds[1:]):
         cell_slopes = [math.log(c[t2] / c[t1]) / math.log(t2 / t1) for c in curves if c[t1] > 0 and c[t2] > 0]
-        slopes.append((t1, t2, statistics.median(cell_slopes)))
+        if cell_slopes:  # none: no cell has moved from p = 0's yet
+            slopes.append((t1, t2, statistics.median(cell_slopes)))
     last = rounds[0]
     for t1, t2, slope in slopes:
         if slope > MAX_GROWTH:
@@ -355,22 +371,32 @@ def quantities(window_end: int, last_round: int) -> list[Quantity]:
     return [
         Quantity("divergence", f"replicas' divergence D, RMS over rounds {first}-{last_round}",
                  lambda m: window_rms(m.divergence, first, last_round), lambda h: math.sqrt(h.divergence)),
-        Quantity("distance", f"mean model's distance to p = 0's at round {window_end}",
-                 lambda m: m.distance.get(window_end), lambda h: math.sqrt(h.mean_step)),
+        Quantity("distance_window", f"mean model's distance to p = 0's at round {window_end}",
+                 lambda m: m.distance.get(window_end), lambda h: math.sqrt(h.mean_walk)),
         Quantity("distance_end", f"mean model's distance to p = 0's at round {last_round}",
-                 lambda m: m.distance.get(last_round), lambda h: math.sqrt(h.mean_step)),
+                 lambda m: m.distance.get(last_round), lambda h: math.sqrt(h.mean_walk)),
         Quantity("loss_gap_window", f"mean model's training loss minus p = 0's, round {window_end}",
-                 gap_at(window_end), lambda h: h.mean_step, log_space=False),
+                 gap_at(window_end), lambda h: h.mean_walk, log_space=False),
         Quantity("loss_gap_end", f"mean model's training loss minus p = 0's, round {last_round}",
-                 gap_at(last_round), lambda h: h.mean_step, log_space=False),
+                 gap_at(last_round), lambda h: h.mean_walk, log_space=False),
     ]
 
 
 SPIKE_FACTOR = 2.0  # a run "spikes" when its final training loss is over this times the p = 0 runs' median at its n
 
 
+def _interval(ci: tuple[float, float], one_seed: bool) -> str:
+    """``[lo, hi]``; an end at the edge of the linear-space fit's grid of exponents reads ``<= -3`` / ``>= 3`` (the
+    fit found no better exponent inside it); ``[n/a]`` with one seed (nothing to resample)."""
+    if one_seed:
+        return "[n/a]"
+    edge = float(_GRID[-1])
+    ends = [f"<= {-edge:.0f}" if v <= -edge + 1e-9 else f">= {edge:.0f}" if v >= edge - 1e-9 else f"{v:.2f}" for v in ci]
+    return f"[{ends[0]}, {ends[1]}]"
+
+
 def spikes(measures: Mapping[Cell, Mapping[int, RunMeasures]]) -> dict[float, tuple[int, int]]:
-    """``{p: (runs that spiked, runs)}``: final ``train_eval_loss`` over :data:`SPIKE_FACTOR` x the median of the
+    """``{p: (runs that spiked, runs)}``: the mean model's final training loss over :data:`SPIKE_FACTOR` x the median of the
     ``p = 0`` runs at the same ``n`` (a criterion fixed before looking: a run that ended far above where
     drop-free training ends)."""
     out: dict[float, tuple[int, int]] = {}
@@ -413,7 +439,7 @@ def report(measures: Mapping[Cell, Mapping[int, RunMeasures]], out, title: str =
         f"it ends at round {window_end}, the last before a slope over {MAX_GROWTH:g} (see `growth_window`).\n",
     ]
     fits: dict[str, dict] = {}
-    fit_lines = ["| quantity | a: exponent of p/(1-p) [95%] | b: exponent of n [95%] | noise model's a, b | "
+    fit_lines = ["| quantity | a: exponent of p/(1-p) [95%] | b: exponent of n [95%] | noise model's a, b (same fit) | "
                  "noise model x one constant: R^2 |", "|---|---|---|---|---|"]
     values_of: dict[str, dict[Cell, list[float]]] = {}
     tables: dict[str, str] = {}
@@ -431,15 +457,27 @@ def report(measures: Mapping[Cell, Mapping[int, RunMeasures]], out, title: str =
         model = fit_power_law({c: [quantity.predicted(models[c])] for c in drops}, quantity.log_space, resamples=1)
         scale, r2 = fit_scale(drops, lambda p, n: quantity.predicted(models[(p, n)]), quantity.log_space)
         fits[quantity.name] = dict(label=quantity.label, c=fit.c, a=fit.a, b=fit.b, a_ci=fit.a_ci, b_ci=fit.b_ci,
-                                   model_a=model.a, model_b=model.b, model_scale=scale, model_r2=r2)
-        fit_lines.append(f"| {quantity.name} | {fit.a:.2f} [{fit.a_ci[0]:.2f}, {fit.a_ci[1]:.2f}] | "
-                         f"{fit.b:.2f} [{fit.b_ci[0]:.2f}, {fit.b_ci[1]:.2f}] | {model.a:.2f}, {model.b:.2f} | {r2:.2f} |")
+                                   noise_a=model.a, noise_b=model.b, noise_scale=scale, noise_r2=r2)
+        one_seed = len(seeds) < 2
+        fit_lines.append(f"| {quantity.name} | {fit.a:.2f} {_interval(fit.a_ci, one_seed)} | {fit.b:.2f} {_interval(fit.b_ci, one_seed)} "
+                         f"| {model.a:.2f}, {model.b:.2f} | {r2:.2f} |")
+    window_lines = ["| round | a: exponent of p/(1-p) [95%] | b: exponent of n [95%] |", "|---|---|---|"]
+    for t in [r for r in sorted(next(iter(next(iter(measures.values())).values())).mean_loss) if r <= window_end]:
+        at_t = cell_values(measures, Quantity("", "", lambda m, t=t: m.distance.get(t), lambda h: 0.0))
+        try:
+            fit = fit_power_law({c: v for c, v in at_t.items() if c[0] > 0}, resamples=500)
+        except ValueError:
+            continue
+        window_lines.append(f"| {t} | {fit.a:.2f} {_interval(fit.a_ci, len(seeds) < 2)} | {fit.b:.2f} {_interval(fit.b_ci, len(seeds) < 2)} |")
+    tables["window"] = "\n".join(window_lines) + "\n"
+    sections.append("The mean model's distance fitted at every snapshot in the window (is the exponent of n stable?):\n\n"
+                    + tables["window"])
     finals = {c: [m.final_loss for _, m in sorted(runs.items())] for c, runs in measures.items()
               if all(m.final_loss is not None for m in runs.values())}
     tables["final_loss"] = table(finals)
-    sections.append(f"**final training loss** (`train_eval_loss`, the replicas' mean, round {last_round}):\n\n" + tables["final_loss"])
+    sections.append(f"**the mean model's final training loss** (round {last_round}):\n\n" + tables["final_loss"])
     spiked = spikes(measures)
-    sections.append(f"Runs that spiked (final training loss over {SPIKE_FACTOR:g} x the p = 0 median at their n): "
+    sections.append(f"Runs that spiked (the mean model's final training loss over {SPIKE_FACTOR:g} x the p = 0 median at their n): "
                     + ", ".join(f"p = {p:g}: {k} of {t}" for p, (k, t) in spiked.items()) + ".\n")
     tables["fits"] = "\n".join(fit_lines) + "\n"
     sections.append("Fits of `c (p/(1-p))^a n^b` to the cell means at p > 0 (intervals: seeds resampled, 2,000 times):\n\n"
@@ -451,7 +489,8 @@ def report(measures: Mapping[Cell, Mapping[int, RunMeasures]], out, title: str =
         (out / f"consensus_{name}.md").write_text(text)
     (out / "consensus.json").write_text(json.dumps({
         "window_end": window_end, "slopes": slopes, "fits": fits, "spikes": {str(p): v for p, v in spiked.items()},
-        "noise_model": {f"{p:g},{n}": [m.divergence, m.mean_step] for (p, n), m in models.items()},
+        "noise_model": {f"{p:g},{n}": {"divergence": m.divergence, "mean_displacement": m.mean_displacement,
+                                       "mean_walk": m.mean_walk} for (p, n), m in models.items()},
         "values": {name: {f"{p:g},{n}": v for (p, n), v in values.items()} for name, values in values_of.items()},
     }, indent=1) + "\n")
     plot(measures, values_of, models, fits, window_end, last_round, out / "consensus.png", title)
@@ -468,7 +507,7 @@ def plot(measures, values_of, models, fits, window_end: int, last_round: int, pa
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
     ps = sorted({p for p, _ in values_of["divergence"] if p > 0})
     colors = {p: plt.cm.viridis(i / max(len(ps) - 1, 1)) for i, p in enumerate(ps)}
-    panels = ((axes[0], "divergence", "(a)"), (axes[1], "distance", "(b)"), (axes[3], "loss_gap_window", "(d)"))
+    panels = ((axes[0], "divergence", "(a)"), (axes[1], "distance_window", "(b)"), (axes[3], "loss_gap_window", "(d)"))
     for ax, name, letter in panels:
         values, fit = values_of[name], fits.get(name)
         q = next(q for q in quantities(window_end, last_round) if q.name == name)
@@ -479,13 +518,13 @@ def plot(measures, values_of, models, fits, window_end: int, last_round: int, pa
             ax.errorbar(shifted, [s[0] for s in stats], yerr=[[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]],
                         fmt="o", color=colors[p], capsize=3, markersize=4, label=f"p = {p:g}")
             if fit is not None:
-                ax.plot(ns, [fit["model_scale"] * q.predicted(models[(p, n)]) for n in ns], "-", color=colors[p], linewidth=1)
+                ax.plot(ns, [fit["noise_scale"] * q.predicted(models[(p, n)]) for n in ns], "-", color=colors[p], linewidth=1)
         ax.set_xscale("log", base=2)
         if q.log_space:
             ax.set_yscale("log")
         else:
             ax.axhline(0, color="gray", linewidth=0.8)
-        model = (f"lines: noise model x {fit['model_scale']:.3g}, R^2 {fit['model_r2']:.2f}" if fit is not None
+        model = (f"lines: noise model x {fit['noise_scale']:.3g}, R^2 {fit['noise_r2']:.2f}" if fit is not None
                  else "too few cells to fit")
         ax.set(xlabel="workers = servers n", ylabel=name.replace("_", " "), title=f"{letter} {q.label}\n(dots: measured; {model})")
     axes[0].legend(fontsize=7)
