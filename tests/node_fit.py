@@ -20,3 +20,10 @@ if __name__ == "__main__":
                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[SaveWorkers(out)])
     trainer.fit(model, dm)
+    # leave together: a node that exits while the other still talks to it can abort in gloo's teardown
+    # ("terminate called without an active exception", seen once in a fresh-clone run)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
